@@ -1,0 +1,156 @@
+"""Run a function on N local processes with a process group, a hard timeout and clear failures.
+
+Used by the test suite and handy for users' own equivalence tests::
+
+    from lit_parallel.testing import run_distributed
+
+    def check(scale):
+        t = torch.ones(1) * (dist.get_rank() + 1) * scale
+        dist.all_reduce(t)
+        return t.item()
+
+    assert run_distributed(check, world_size=2, args=(1.0,)) == [3.0, 3.0]
+
+Each rank gets ``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` in its environment,
+so a ``lightning.Trainer`` built inside ``fn`` joins the group itself (pass ``init_process_group=False``).
+The first rank to fail has its traceback raised in the parent; a hang is killed after ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+__all__ = ["DistributedRunError", "find_free_port", "run_distributed"]
+
+
+class DistributedRunError(RuntimeError):
+    """A rank raised, died or timed out; the message holds the first failing rank's traceback."""
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    init_process_group: bool,
+    backend: str,
+    collective_timeout: float,
+    env: dict[str, str],
+    results: Any,
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), NODE_RANK="0", GROUP_RANK="0",
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        if init_process_group:
+            dist.init_process_group(
+                backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout)
+            )
+        value = fn(*args, **kwargs)
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, False, traceback.format_exc()))
+        # Skip interpreter teardown: destroying a group whose peers hang can itself hang.
+        os._exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    init_process_group: bool = True,
+    backend: str = "gloo",
+    timeout: float = 180.0,
+    collective_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned processes; return each rank's result.
+
+    Args:
+        fn: a picklable (module-level) function.
+        world_size: number of ranks.
+        args: positional arguments of ``fn``.
+        kwargs: keyword arguments of ``fn``.
+        init_process_group: create the default process group before calling ``fn``.
+        backend: process-group backend (``"gloo"`` on CPU).
+        timeout: seconds after which all ranks are killed and the run fails.
+        collective_timeout: timeout of each collective of the process group.
+        env: extra environment variables for every rank.
+
+    Raises:
+        DistributedRunError: a rank raised (its traceback is in the message), died, or the run timed out.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1.")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = find_free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(rank, world_size, port, fn, args, kwargs or {}, init_process_group, backend,
+                  collective_timeout, env or {}, results),
+            daemon=False,
+        )
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    outputs: dict[int, Any] = {}
+    failure: str | None = None
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outputs) < world_size and failure is None:
+            try:
+                rank, ok, value = results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outputs]
+                if dead:
+                    time.sleep(1.0)  # its traceback may still be in flight
+                    if results.empty():
+                        failure = f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} and no traceback"
+                elif time.monotonic() > deadline:
+                    hung = sorted(set(range(world_size)) - set(outputs))
+                    failure = f"timed out after {timeout:.0f}s; ranks {hung} never finished"
+                continue
+            if ok:
+                outputs[rank] = value
+            else:
+                failure = f"rank {rank} raised:\n{value}"
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if failure is None else 0.5)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if failure is not None:
+        raise DistributedRunError(failure)
+    return [outputs[r] for r in range(world_size)]

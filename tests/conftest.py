@@ -1,0 +1,26 @@
+"""Shared fixtures: fast single-threaded torch, offline hub access, a composed-config factory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """Compose the CLI config with overrides, writing outputs under ``tmp_path``."""
+    from lit_parallel.cli import compose
+
+    def _compose(*overrides: str):
+        return compose([*overrides, f"output_dir={tmp_path}"])
+
+    return _compose

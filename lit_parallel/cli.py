@@ -90,6 +90,29 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
 
 
+def _build_strategy(cfg: DictConfig) -> Any:
+    """Instantiate ``cfg.strategy``, handing it ``cfg.compression`` when one is selected."""
+    import inspect
+
+    from hydra.utils import get_class, instantiate
+
+    if not cfg.get("strategy"):
+        if cfg.get("compression"):
+            raise ConfigurationError("compression needs a data-parallel strategy; valid: strategy=ddp or hybrid.")
+        return "auto"
+    compression = cfg.get("compression")
+    if not compression or "_target_" not in compression:
+        return instantiate(cfg.strategy)
+    params = inspect.signature(get_class(cfg.strategy._target_).__init__).parameters
+    for key in ("compression", "gradient_compression"):
+        if key in params:
+            return instantiate(cfg.strategy, **{key: instantiate(compression)})
+    raise ConfigurationError(
+        f"compression={compression._target_.rsplit('.', 1)[-1]} needs a strategy that compresses gradients; "
+        f"strategy {cfg.strategy._target_} does not (valid: strategy=ddp, hybrid, diloco)."
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything the config names, fit, test, and return the run summary.
 
@@ -112,7 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    strategy = instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
+    strategy = _build_strategy(cfg)
     summary = RunSummary(output_dir=str(output_dir))
     callbacks = [*_instantiate_group(cfg.get("callbacks")), summary]
     logger = CSVLogger(save_dir=str(output_dir), name="csv", version="")

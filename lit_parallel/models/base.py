@@ -1,9 +1,11 @@
 """Shared LightningModule base: a wrapped network, a loss, optimizer and schedule, and logging.
 
 Every module of the project keeps its network in ``self.model`` and splits one step into
-``model_inputs(batch)`` -> ``self.model(...)`` -> ``compute_loss(outputs, batch)``. Strategies that
-must run the forward themselves (pipeline schedules) rely on that split; plain Lightning strategies
-just call :meth:`training_step`.
+``model_inputs(batch)`` -> ``self.model(*args, **kwargs)`` -> ``loss_fn(outputs, loss_target(batch))``.
+Strategies that must run the forward themselves (pipeline schedules feed ``model_inputs`` to the first
+stage and ``loss_target`` to ``loss_fn`` on the last) rely on that split, through
+``trainer.strategy.run_forward_loss(module, batch)``; plain Lightning strategies just call
+:meth:`training_step`.
 """
 
 from __future__ import annotations
@@ -61,9 +63,17 @@ class ParallelModule(L.LightningModule):
         """Positional and keyword arguments of ``self.model`` for one batch."""
         raise NotImplementedError
 
-    def compute_loss(self, outputs: Any, batch: Any) -> torch.Tensor:
-        """Mean loss of the batch from the model's outputs."""
+    def loss_target(self, batch: Any) -> torch.Tensor:
+        """The tensor the loss compares outputs with (labels); pipeline schedules carry it to the last stage."""
         raise NotImplementedError
+
+    def loss_fn(self, outputs: Any, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss from the model's outputs (a tensor of logits, or an object with ``.logits``)."""
+        raise NotImplementedError
+
+    def compute_loss(self, outputs: Any, batch: Any) -> torch.Tensor:
+        """Mean loss of the batch: ``loss_fn(outputs, loss_target(batch))``."""
+        return self.loss_fn(outputs, self.loss_target(batch))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

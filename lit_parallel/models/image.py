@@ -79,8 +79,11 @@ class ImageClassifier(ParallelModule):
     def model_inputs(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (batch[0],), {}
 
-    def compute_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(outputs.float(), batch[1])
+    def loss_target(self, batch: Any) -> torch.Tensor:
+        return batch[1]
+
+    def loss_fn(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), target)
 
     def _eval_step(self, batch: Any, stage: str, metric: torchmetrics.Metric) -> None:
         loss, logits = self.forward_loss(batch)

@@ -1,6 +1,11 @@
-"""lit_parallel: large-model training techniques as PyTorch Lightning plugins."""
+"""lit_parallel: large-model training techniques as PyTorch Lightning plugins.
+
+Importing the package registers its strategy names with Lightning (``Trainer(strategy="hybrid_tp2")``).
+"""
 
 from lit_parallel.errors import ConfigurationError, MissingDataError
+from lit_parallel.strategies import *  # noqa: F403  (registers the strategies)
+from lit_parallel.strategies import __all__ as _strategies_all
 
 __version__ = "0.1.0"
-__all__ = ["ConfigurationError", "MissingDataError", "__version__"]
+__all__ = ["ConfigurationError", "MissingDataError", "__version__", *_strategies_all]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -69,8 +70,10 @@ def _worker(
             dist.init_process_group(
                 backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout)
             )
-        value = fn(*args, **kwargs)
-        results.put((rank, True, value))
+        # Plain pickle copies tensors by value; the queue's own pickler would share them through file
+        # descriptors that vanish when this process exits.
+        payload = pickle.dumps(fn(*args, **kwargs))
+        results.put((rank, True, payload))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
         # Skip interpreter teardown: destroying a group whose peers hang can itself hang.
@@ -141,7 +144,7 @@ def run_distributed(
                     failure = f"timed out after {timeout:.0f}s; ranks {hung} never finished"
                 continue
             if ok:
-                outputs[rank] = value
+                outputs[rank] = pickle.loads(value)
             else:
                 failure = f"rank {rank} raised:\n{value}"
     finally:
@@ -154,3 +157,24 @@ def run_distributed(
     if failure is not None:
         raise DistributedRunError(failure)
     return [outputs[r] for r in range(world_size)]
+
+
+def global_batch_order(num_samples: int, data_parallel_size: int, per_rank_batch: int, seed: int) -> list[int]:
+    """Sample order under which one process sees, batch by batch, the union of every replica's batch.
+
+    Lightning shuffles training data with ``DistributedSampler(seed=PL_GLOBAL_SEED)``: replica ``r``
+    takes ``perm[r::dp]`` of the epoch-0 permutation. Feeding this order (as a ``sampler``, with batch
+    size ``dp * per_rank_batch``) to a single-process run gives it exactly the same global batches,
+    which is what an equivalence test compares against.
+    """
+    import torch
+
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+    shards = [perm[r::data_parallel_size] for r in range(data_parallel_size)]
+    steps = len(shards[0]) // per_rank_batch
+    return [
+        i
+        for s in range(steps)
+        for r in range(data_parallel_size)
+        for i in shards[r][s * per_rank_batch : (s + 1) * per_rank_batch]
+    ]

@@ -1,0 +1,96 @@
+"""Parallel dimensions and the 3-D device mesh (pp × dp × tp).
+
+The mesh is laid out with tensor parallelism innermost (adjacent ranks, the fastest links),
+data parallelism in the middle and pipeline stages outermost, as in Megatron and torchtitan: a rank's
+coordinates are ``(pp, dp, tp) = divmod`` of its global rank over ``(dp * tp, tp)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from lit_parallel.errors import ConfigurationError
+
+__all__ = ["MESH_DIMS", "ParallelDims", "build_mesh"]
+
+MESH_DIMS = ("pp", "dp", "tp")
+
+
+def _check_size(name: str, value: int | str, allow_auto: bool) -> None:
+    if allow_auto and value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        valid = "a positive integer or 'auto'" if allow_auto else "a positive integer"
+        raise ConfigurationError(f"{name}={value!r} is invalid; valid: {valid}.")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Validated sizes of the three parallel dimensions.
+
+    Args:
+        pp: pipeline-parallel size (number of pipeline ranks).
+        dp: data-parallel size (number of model replicas).
+        tp: tensor-parallel size (ranks sharing each layer).
+        world_size: total number of ranks; must equal ``pp * dp * tp``.
+
+    Raises:
+        ConfigurationError: a size is not a positive integer or the product differs from ``world_size``.
+
+    Example::
+
+        dims = ParallelDims.resolve(tp=2, pp=2, dp="auto", world_size=8)   # dp = 2
+    """
+
+    pp: int
+    dp: int
+    tp: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("pp", "dp", "tp", "world_size"):
+            _check_size(name, getattr(self, name), allow_auto=False)
+        if self.pp * self.dp * self.tp != self.world_size:
+            raise ConfigurationError(
+                f"pp({self.pp}) * dp({self.dp}) * tp({self.tp}) = {self.pp * self.dp * self.tp} "
+                f"!= world_size({self.world_size}); choose sizes whose product is the number of processes."
+            )
+
+    @classmethod
+    def resolve(cls, tp: int, pp: int, dp: int | Literal["auto"], world_size: int) -> ParallelDims:
+        """Fill ``dp="auto"`` with the ranks left over by ``tp * pp``, then validate."""
+        _check_size("tensor_parallel_size", tp, allow_auto=False)
+        _check_size("pipeline_parallel_size", pp, allow_auto=False)
+        _check_size("data_parallel_size", dp, allow_auto=True)
+        if dp == "auto":
+            if world_size % (tp * pp):
+                raise ConfigurationError(
+                    f"world_size({world_size}) is not divisible by tp({tp}) * pp({pp}) = {tp * pp}; "
+                    f"data_parallel_size='auto' needs a multiple of {tp * pp} processes."
+                )
+            dp = world_size // (tp * pp)
+        return cls(pp=pp, dp=int(dp), tp=tp, world_size=world_size)
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """This rank's ``{"pp": i, "dp": j, "tp": k}`` in the mesh layout used by :func:`build_mesh`."""
+        pp, rest = divmod(rank, self.dp * self.tp)
+        dp, tp = divmod(rest, self.tp)
+        return {"pp": pp, "dp": dp, "tp": tp}
+
+    @property
+    def mesh_shape(self) -> tuple[int, int, int]:
+        return (self.pp, self.dp, self.tp)
+
+
+def build_mesh(dims: ParallelDims, device_type: str | None = None) -> DeviceMesh:
+    """Create the ``("pp", "dp", "tp")`` DeviceMesh over the initialized default process group.
+
+    Every dimension is kept, even of size 1, so ``mesh["dp"]`` etc. always exist.
+    """
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device_type, dims.mesh_shape, mesh_dim_names=MESH_DIMS)

@@ -1,0 +1,698 @@
+"""HybridParallelStrategy: data × tensor × pipeline parallelism on one DeviceMesh, in Lightning."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import _PATH, ReduceOp
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.data_parallel import GradientSynchronizer
+from lit_parallel.parallel.mesh import ParallelDims, build_mesh
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["HybridParallelStrategy"]
+
+_META_FILE = "meta.pt"
+_PRESETS = {
+    "hybrid": {},
+    "hybrid_tp2": {"tensor_parallel_size": 2},
+    "hybrid_pp2": {"pipeline_parallel_size": 2},
+    "hybrid_tp2_pp2": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
+    "hybrid_pp2_interleaved": {"pipeline_parallel_size": 2, "pipeline_schedule": "interleaved_1f1b"},
+}
+
+
+class HybridParallelStrategy(ParallelStrategy):
+    """Data × tensor × pipeline parallelism on one ``("pp", "dp", "tp")`` DeviceMesh.
+
+    The LightningModule must keep its network in ``self.model`` and implement ``model_inputs``,
+    ``loss_target`` and ``loss_fn`` (all modules of :mod:`lit_parallel.models` do). At setup the
+    network, built in full on every rank from the same seed, is split into pipeline stages, each
+    stage's layers are sharded over the tensor-parallel ranks with DTensor, and gradients are averaged
+    over the data-parallel ranks only (optionally compressed). Parameter names stay those of the
+    unsplit model on every rank, so checkpoints and callbacks line up across layouts.
+
+    Args:
+        tensor_parallel_size: ranks sharing each layer (heads / hidden units split between them).
+        pipeline_parallel_size: pipeline ranks; each holds a contiguous group of layers.
+        data_parallel_size: model replicas; ``"auto"`` uses the ranks left by ``tp * pp``.
+        num_microbatches: microbatches per batch for the pipeline schedule (``"auto"``: ``2 * pp``);
+            the per-rank batch size must be divisible by it.
+        pipeline_schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"looped_bfs"``,
+            ``"zero_bubble"``, ... (see :data:`lit_parallel.parallel.pipeline.SCHEDULES`).
+        virtual_pipeline_stages: stages per pipeline rank for interleaved schedules (``"auto"``: 2 for
+            multi-stage schedules, else 1).
+        split_points: FQNs where a new pipeline stage begins (default: balanced by parameter count).
+        model_family: ``"auto"`` (detected) or one of the supported families.
+        auto_tensor_parallel: apply the family's TP plan; set ``False`` to apply your own plan in
+            ``configure_model`` with ``self.device_mesh["tp"]``.
+        gradient_compression: a compressor of :mod:`lit_parallel.compression` for the dp-axis sync.
+        bucket_cap_mb: size of the gradient buckets of the data-parallel sync.
+        process_group_backend: ``"gloo"``/``"nccl"``; ``None`` picks by device.
+        timeout: timeout of collectives.
+
+    Raises:
+        ConfigurationError: for invalid sizes or names, before any process group is created.
+
+    Example::
+
+        trainer = Trainer(accelerator="cpu", devices=4, strategy=HybridParallelStrategy(
+            tensor_parallel_size=2, pipeline_parallel_size=2, num_microbatches=4, pipeline_schedule="1f1b"))
+        trainer.fit(module, datamodule)
+    """
+
+    strategy_name = "hybrid"
+
+    def __init__(
+        self,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        data_parallel_size: int | Literal["auto"] = "auto",
+        num_microbatches: int | Literal["auto"] = "auto",
+        pipeline_schedule: str = "1f1b",
+        virtual_pipeline_stages: int | Literal["auto"] = "auto",
+        split_points: list[str] | None = None,
+        model_family: str = "auto",
+        auto_tensor_parallel: bool = True,
+        gradient_compression: Any | None = None,
+        bucket_cap_mb: float = 25.0,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__()
+        # Validate what can be validated without the world size or the model.
+        ParallelDims.resolve(tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
+                             world_size=tensor_parallel_size * pipeline_parallel_size
+                             * (1 if data_parallel_size == "auto" else data_parallel_size))
+        if num_microbatches != "auto" and (isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int)
+                                           or num_microbatches < 1):
+            raise ConfigurationError(f"num_microbatches={num_microbatches!r} is invalid; valid: an integer >= 1 or 'auto'.")
+        if virtual_pipeline_stages != "auto" and (not isinstance(virtual_pipeline_stages, int)
+                                                  or virtual_pipeline_stages < 1):
+            raise ConfigurationError(
+                f"virtual_pipeline_stages={virtual_pipeline_stages!r} is invalid; valid: an integer >= 1 or 'auto'."
+            )
+        if pipeline_parallel_size > 1:
+            from lit_parallel.parallel.pipeline import SCHEDULES
+
+            if pipeline_schedule not in SCHEDULES:
+                raise ConfigurationError(
+                    f"pipeline_schedule={pipeline_schedule!r} is unknown; valid: {sorted(SCHEDULES)}."
+                )
+        if bucket_cap_mb <= 0:
+            raise ConfigurationError(f"bucket_cap_mb={bucket_cap_mb} must be > 0.")
+        self._tp, self._pp, self._dp_arg = tensor_parallel_size, pipeline_parallel_size, data_parallel_size
+        self._num_microbatches_arg = num_microbatches
+        self.pipeline_schedule = pipeline_schedule
+        self._virtual_arg = virtual_pipeline_stages
+        self.split_points = list(split_points) if split_points else None
+        self.model_family = model_family
+        self.auto_tensor_parallel = auto_tensor_parallel
+        self.compressor = gradient_compression
+        self.bucket_cap_mb = bucket_cap_mb
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self.num_nodes = 1
+        self.dims: ParallelDims | None = None
+        self._device_mesh: DeviceMesh | None = None
+        self._grad_sync: GradientSynchronizer | None = None
+        self._pipeline: _PipelineRuntime | None = None
+        self._tied_groups: list[tuple[list[str], Any]] = []
+
+    # -- sizes and groups --------------------------------------------------------------------------
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """The ``("pp", "dp", "tp")`` mesh (available from ``configure_model`` on)."""
+        if self._device_mesh is None:
+            raise RuntimeError("The device mesh exists only after the processes have initialized.")
+        return self._device_mesh
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self._tp
+
+    @property
+    def pipeline_parallel_size(self) -> int:
+        return self._pp
+
+    @property
+    def data_parallel_size(self) -> int:
+        if self.dims is not None:
+            return self.dims.dp
+        return self._dp_arg if self._dp_arg != "auto" else max(1, self.world_size // (self._tp * self._pp))
+
+    @property
+    def num_microbatches(self) -> int:
+        return 2 * self._pp if self._num_microbatches_arg == "auto" else int(self._num_microbatches_arg)
+
+    @property
+    def virtual_pipeline_stages(self) -> int:
+        if self._virtual_arg != "auto":
+            return int(self._virtual_arg)
+        from lit_parallel.parallel.pipeline import is_multi_stage_schedule
+
+        return 2 if self._pp > 1 and is_multi_stage_schedule(self.pipeline_schedule) else 1
+
+    @property
+    def data_parallel_group(self) -> Any:
+        return self.device_mesh.get_group("dp")
+
+    @property
+    def tensor_parallel_group(self) -> Any:
+        return self.device_mesh.get_group("tp")
+
+    @property
+    def pipeline_parallel_group(self) -> Any:
+        return self.device_mesh.get_group("pp")
+
+    @property
+    def model_parallel_group(self) -> Any:
+        """The ranks (pp × tp, same dp index) across which the model's elements are disjoint."""
+        return self.device_mesh["pp", "tp"]._flatten("pp_tp").get_group()
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return True  # Lightning adds a DistributedSampler only for strategies that say so
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Tensor and pipeline peers must see the same batch: sample over the dp axis only.
+        dp_mesh = self.device_mesh["dp"]
+        return {"num_replicas": dp_mesh.size(), "rank": dp_mesh.get_local_rank()}
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # load into the parallelized model
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # optimizer state is loaded by load_checkpoint (DCP)
+
+    # -- launch and setup --------------------------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        world_size = self.num_nodes * self.num_processes
+        self.dims = ParallelDims.resolve(self._tp, self._pp, self._dp_arg, world_size)
+        self._validate_model()  # every check that needs no collective, before the process group exists
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            self.root_device
+        )
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        self._device_mesh = build_mesh(self.dims, self.root_device.type)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    def _network(self) -> nn.Module:
+        module = self.lightning_module
+        net = getattr(module, "model", None)
+        if not isinstance(net, nn.Module):
+            raise ConfigurationError(
+                f"{type(self).__name__} needs the LightningModule to keep its network in `self.model` "
+                f"(got {type(net).__name__}); subclass lit_parallel.models.ParallelModule."
+            )
+        for hook in ("model_inputs", "loss_target", "loss_fn"):
+            if not callable(getattr(module, hook, None)):
+                raise ConfigurationError(
+                    f"{type(module).__name__} lacks `{hook}`; {type(self).__name__} needs model_inputs, "
+                    "loss_target and loss_fn (see lit_parallel.models.ParallelModule)."
+                )
+        return net
+
+    def _family(self, net: nn.Module) -> str:
+        if self.model_family != "auto":
+            return self.model_family
+        from lit_parallel.parallel.tensor_parallel import detect_family
+
+        return detect_family(net)
+
+    def _validate_model(self) -> None:
+        assert self.dims is not None
+        if self.dims.tp == 1 and self.dims.pp == 1:
+            return
+        net = self._network()
+        family = self._family(net) if (self.auto_tensor_parallel or self.split_points is None) else None
+        if self.dims.tp > 1 and self.auto_tensor_parallel:
+            from lit_parallel.parallel.tensor_parallel import validate_tensor_parallel
+
+            validate_tensor_parallel(net, self.dims.tp, family)
+        if self.dims.pp > 1:
+            from lit_parallel.parallel.pipeline import validate_pipeline
+
+            validate_pipeline(
+                net, self.dims.pp, self.virtual_pipeline_stages, self.pipeline_schedule, self.num_microbatches,
+                None, family, self.split_points,
+            )
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.dims is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        net = self._network()
+        user_parallelized = any(_is_dtensor(p) for p in net.parameters())
+        if self.dims.pp > 1:
+            net = self._setup_pipeline(net)
+        if self.dims.tp > 1 and self.auto_tensor_parallel and not user_parallelized:
+            from lit_parallel.parallel.tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(net, self.device_mesh["tp"], self._family(net) if self.model_family == "auto"
+                                  else self.model_family)
+        module.model = net
+        self.model = self.precision_plugin.convert_module(module)
+        self.model_to_device()
+        self._grad_sync = GradientSynchronizer(
+            module.named_parameters(), group=self.data_parallel_group, compressor=self.compressor,
+            bucket_cap_mb=self.bucket_cap_mb,
+        )
+        if self._pipeline is not None:
+            self._pipeline.create_tied_groups(module)
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _setup_pipeline(self, net: nn.Module) -> nn.Module:
+        from lit_parallel.parallel.pipeline import build_local_model, plan_pipeline, stage_ids_for_rank
+
+        assert self.dims is not None
+        family = self._family(net) if self.split_points is None or self.model_family != "auto" else None
+        num_stages = self.dims.pp * self.virtual_pipeline_stages
+        plan = plan_pipeline(net, num_stages, family=family, split_points=self.split_points)
+        pp_rank = self.device_mesh["pp"].get_local_rank()
+        stage_ids = stage_ids_for_rank(pp_rank, self.dims.pp, self.pipeline_schedule, self.virtual_pipeline_stages)
+        local_model, stage_modules = build_local_model(net, plan, stage_ids)
+        self._pipeline = _PipelineRuntime(self, plan, stage_ids, stage_modules, num_stages)
+        return local_model
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        self._reset_optimizers_and_schedulers()
+        super().setup_optimizers(trainer)
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def run_forward_loss(self, module: Any, batch: Any) -> tuple[Tensor, Any]:
+        """One forward (and, under a pipeline, backward) on ``batch``; returns ``(loss, outputs)``.
+
+        Called by :meth:`ParallelModule.forward_loss`. Without pipeline parallelism this is the plain
+        forward. With it, the schedule runs forward and backward over the microbatches; the loss (and in
+        evaluation the logits) come from the last stage and are broadcast to every pipeline rank.
+        """
+        if self._pipeline is None:
+            args, kwargs = module.model_inputs(batch)
+            outputs = module.model(*args, **kwargs)
+            return module.compute_loss(outputs, batch), outputs
+        return self._pipeline.run(module, batch)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        if self._pipeline is not None:
+            return closure_loss  # the schedule already ran the backward of every microbatch
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
+                       **kwargs: Any) -> Any:
+        def closure_then_sync() -> Any:
+            result = closure()
+            self.sync_gradients()
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+
+    def sync_gradients(self) -> None:
+        """Sum tied parameters' gradients across the stages that share them, then average over dp."""
+        if self._pipeline is not None:
+            self._pipeline.sync_tied_gradients(self.lightning_module)
+        if self._grad_sync is not None:
+            self._grad_sync.sync()
+        if self.compressor is not None and hasattr(self.compressor, "step"):
+            self.compressor.step()
+
+    # -- collectives -------------------------------------------------------------------------------
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    @override
+    def reduce(self, tensor: Tensor | Any, group: Any | None = None,
+               reduce_op: ReduceOp | str | None = "mean") -> Tensor | Any:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    @override
+    def teardown(self) -> None:
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+
+    # -- checkpoints (torch distributed checkpoint, one folder, atomic) ---------------------------
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.lightning_module)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # done in load_checkpoint
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return get_optimizer_state_dict(self.lightning_module, optimizer)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass  # done in load_checkpoint
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Write a DCP folder under a temporary name and rename it once every rank has finished."""
+        import torch.distributed.checkpoint as dcp
+
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options.")
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(path.name + ".incomplete")
+        if self.is_global_zero and tmp.exists():
+            shutil.rmtree(tmp)
+        self.barrier()
+        state = {"model": checkpoint.pop("state_dict")}
+        for index, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
+            state[f"optimizer_{index}"] = optim_state
+        dcp.save(state, checkpoint_id=tmp)
+        if self.compressor is not None and hasattr(self.compressor, "state_dict"):
+            checkpoint["gradient_compression"] = self.compressor.state_dict()
+        checkpoint["parallel_layout"] = self._layout()
+        if self.is_global_zero:
+            torch.save(checkpoint, tmp / _META_FILE)
+        self.barrier()
+        if self.is_global_zero:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            os.replace(tmp, path)
+        self.barrier()
+
+    def _layout(self) -> dict[str, Any]:
+        assert self.dims is not None
+        return {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp,
+                "pipeline_schedule": self.pipeline_schedule, "virtual_pipeline_stages": self.virtual_pipeline_stages}
+
+    @override
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            path = Path(filepath)
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a checkpoint folder written with any (tp, pp, dp) layout into this one."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(checkpoint_path)
+        if not (path / ".metadata").is_file() or not (path / _META_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} is not a complete {type(self).__name__} checkpoint (a DCP folder with .metadata and "
+                f"{_META_FILE}); incomplete checkpoints end in '.incomplete' and are never loaded."
+            )
+        module = self.lightning_module
+        state: dict[str, Any] = {"model": get_model_state_dict(module)}
+        optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+        for index, optimizer in enumerate(optimizers):
+            state[f"optimizer_{index}"] = get_optimizer_state_dict(module, optimizer)
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(module, state["model"], )
+        for index, optimizer in enumerate(optimizers):
+            set_optimizer_state_dict(module, optimizer, state[f"optimizer_{index}"])
+        meta = torch.load(path / _META_FILE, map_location="cpu", weights_only=False)
+        compression_state = meta.get("gradient_compression")
+        if compression_state is not None and self.compressor is not None and hasattr(self.compressor, "load_state_dict"):
+            self.compressor.load_state_dict(compression_state)
+        return meta
+
+    def export_state_dict(self) -> dict[str, Tensor] | None:
+        """The full, unsplit network state dict (original FQNs) on global rank 0; ``None`` elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        net = self.lightning_module.model
+        local = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        assert self.dims is not None
+        coords = self.dims.coordinates(self.global_rank)
+        mine = {k: v.detach().cpu().clone() for k, v in local.items()} if coords["dp"] == coords["tp"] == 0 else {}
+        gathered: list[Any] = [None] * self.world_size if self.is_global_zero else []
+        dist.gather_object(mine, gathered if self.is_global_zero else None, dst=0)
+        if not self.is_global_zero:
+            return None
+        full: dict[str, Tensor] = {}
+        for part in gathered:
+            full.update(part)
+        return full
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name, kwargs in _PRESETS.items():
+            strategy_registry.register(name, cls, description=f"HybridParallelStrategy {kwargs or 'defaults'}",
+                                       **kwargs)
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+class _PipelineRuntime:
+    """Stages, schedules and tied-weight groups of this rank (private to the strategy)."""
+
+    def __init__(self, strategy: HybridParallelStrategy, plan: Any, stage_ids: list[int],
+                 stage_modules: list[nn.Module], num_stages: int) -> None:
+        self.strategy, self.plan, self.stage_ids = strategy, plan, stage_ids
+        self.stage_modules, self.num_stages = stage_modules, num_stages
+        self.has_first = 0 in stage_ids
+        self.has_last = num_stages - 1 in stage_ids
+        self._schedules: dict[tuple[Any, ...], Any] = {}
+        self._microbatch_losses: list[Tensor] = []
+        self._loss_scale = 1.0
+        self._tied: list[tuple[list[str], Any]] = []
+        pp_group = strategy.pipeline_parallel_group
+        self.last_rank = dist.get_global_rank(pp_group, strategy.pipeline_parallel_size - 1)
+        self.pp_group = pp_group
+
+    def create_tied_groups(self, module: nn.Module) -> None:
+        """One process group per tied-weight set: the pp ranks owning it, at this rank's (dp, tp)."""
+        dims = self.strategy.dims
+        assert dims is not None
+        mesh = self.strategy.device_mesh.mesh  # shape (pp, dp, tp) of global ranks
+        from lit_parallel.parallel.pipeline import stage_ids_for_rank
+
+        owner_pp = {
+            s: r for r in range(dims.pp)
+            for s in stage_ids_for_rank(r, dims.pp, self.strategy.pipeline_schedule,
+                                        self.strategy.virtual_pipeline_stages)
+        }
+        me = dims.coordinates(self.strategy.global_rank)
+        for names, stages in getattr(self.plan, "tied_parameters", []):
+            pp_ranks = sorted({owner_pp[s] for s in stages})
+            if len(pp_ranks) < 2:
+                continue
+            # new_group must be called by every rank, for every group, in the same order.
+            mine = None
+            for dp in range(dims.dp):
+                for tp in range(dims.tp):
+                    ranks = [int(mesh[p, dp, tp]) for p in pp_ranks]
+                    group = dist.new_group(ranks)
+                    if (dp, tp) == (me["dp"], me["tp"]) and me["pp"] in pp_ranks:
+                        mine = group
+            if mine is not None:
+                self._tied.append((list(names), mine))
+
+    @torch.no_grad()
+    def sync_tied_gradients(self, module: nn.Module) -> None:
+        from lit_parallel.parallel.data_parallel import local_tensor
+
+        params = dict(module.model.named_parameters(remove_duplicate=False))
+        for names, group in self._tied:
+            local = [params[n] for n in names if n in params]
+            if not local:
+                continue
+            grad = local[0].grad
+            if grad is None:
+                grad = local[0].grad = torch.zeros_like(local[0])
+            dist.all_reduce(local_tensor(grad), group=group)
+
+    def _schedule(self, module: Any, training: bool, batch_size: int) -> Any:
+        from torch.distributed.pipelining import PipelineStage
+
+        from lit_parallel.parallel.pipeline import build_schedule
+
+        key = (training, batch_size)
+        if key not in self._schedules:
+            stages = [
+                PipelineStage(mod, stage_index=sid, num_stages=self.num_stages, device=self.strategy.root_device,
+                              group=self.pp_group)
+                for mod, sid in zip(self.stage_modules, self.stage_ids)
+            ]
+            loss_fn = self._loss_fn(module) if training else None
+            self._schedules[key] = build_schedule(
+                self.strategy.pipeline_schedule, stages, self.strategy.num_microbatches, loss_fn
+            )
+        return self._schedules[key]
+
+    def _loss_fn(self, module: Any) -> Callable[[Tensor, Tensor], Tensor]:
+        def loss_fn(output: Tensor, target: Tensor) -> Tensor:
+            loss = module.loss_fn(output, target)
+            self._microbatch_losses.append(loss.detach())
+            return loss * self._loss_scale
+
+        return loss_fn
+
+    def run(self, module: Any, batch: Any) -> tuple[Tensor, Any]:
+        args, kwargs = module.model_inputs(batch)
+        target = module.loss_target(batch)
+        batch_size = int(target.shape[0])
+        m = self.strategy.num_microbatches
+        if batch_size % m:
+            raise ConfigurationError(
+                f"batch size {batch_size} is not divisible by num_microbatches={m}; choose a per-rank batch size "
+                f"that is a multiple of {m} (or set num_microbatches to a divisor of {batch_size})."
+            )
+        training = module.training and torch.is_grad_enabled()
+        schedule = self._schedule(module, training, batch_size)
+        inputs = args if self.has_first else ()
+        extra = kwargs if self.has_first else {}
+        device = self.strategy.root_device
+        if training:
+            trainer = module.trainer
+            # Lightning divides the loss by the accumulation factor before its backward; the schedule
+            # runs the backward itself, so the same factor (and 1/microbatches) goes into its loss.
+            self._loss_scale = 1.0 / (m * trainer.accumulate_grad_batches)
+            self._microbatch_losses = []
+            schedule.step(*inputs, target=target if self.has_last else None, **extra)
+            loss = torch.stack(self._microbatch_losses).mean() if self.has_last else torch.zeros((), device=device)
+            dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
+            return loss, None
+        with torch.no_grad():
+            output = schedule.step(*inputs, **extra)
+        if self.has_last:
+            loss = module.loss_fn(output, target).detach().float()
+            shape = torch.tensor(output.shape, dtype=torch.long, device=device)
+            ndim = torch.tensor([output.ndim], dtype=torch.long, device=device)
+            dtype_code = torch.tensor([_DTYPES.index(output.dtype)], device=device)
+        else:
+            loss = torch.zeros((), device=device)
+            ndim = torch.zeros(1, dtype=torch.long, device=device)
+            dtype_code = torch.zeros(1, dtype=torch.long, device=device)
+        for t in (loss, ndim, dtype_code):
+            dist.broadcast(t, src=self.last_rank, group=self.pp_group)
+        if not self.has_last:
+            shape = torch.zeros(int(ndim.item()), dtype=torch.long, device=device)
+        dist.broadcast(shape, src=self.last_rank, group=self.pp_group)
+        if not self.has_last:
+            output = torch.empty(tuple(shape.tolist()), dtype=_DTYPES[int(dtype_code.item())], device=device)
+        dist.broadcast(output.contiguous(), src=self.last_rank, group=self.pp_group)
+        return loss, output
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -147,7 +148,6 @@ class HybridParallelStrategy(ParallelStrategy):
         self._device_mesh: DeviceMesh | None = None
         self._grad_sync: GradientSynchronizer | None = None
         self._pipeline: _PipelineRuntime | None = None
-        self._tied_groups: list[tuple[list[str], Any]] = []
 
     # -- sizes and groups --------------------------------------------------------------------------
     @property
@@ -179,9 +179,9 @@ class HybridParallelStrategy(ParallelStrategy):
     def virtual_pipeline_stages(self) -> int:
         if self._virtual_arg != "auto":
             return int(self._virtual_arg)
-        from lit_parallel.parallel.pipeline import is_multi_stage_schedule
+        from lit_parallel.parallel.pipeline import SINGLE_STAGE_SCHEDULES
 
-        return 2 if self._pp > 1 and is_multi_stage_schedule(self.pipeline_schedule) else 1
+        return 1 if self._pp == 1 or self.pipeline_schedule in SINGLE_STAGE_SCHEDULES else 2
 
     @property
     def data_parallel_group(self) -> Any:
@@ -329,8 +329,6 @@ class HybridParallelStrategy(ParallelStrategy):
             module.named_parameters(), group=self.data_parallel_group, compressor=self.compressor,
             bucket_cap_mb=self.bucket_cap_mb,
         )
-        if self._pipeline is not None:
-            self._pipeline.create_tied_groups(module)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -378,7 +376,10 @@ class HybridParallelStrategy(ParallelStrategy):
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         if self._pipeline is not None:
-            return closure_loss  # the schedule already ran the backward of every microbatch
+            # The schedule already ran every microbatch's backward inside training_step; Lightning
+            # zeroes gradients between training_step and backward, so they were set aside until now.
+            self._pipeline.restore_gradients()
+            return closure_loss
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     @override
@@ -574,53 +575,25 @@ class _PipelineRuntime:
         self.has_last = num_stages - 1 in stage_ids
         self._schedules: dict[tuple[Any, ...], Any] = {}
         self._microbatch_losses: list[Tensor] = []
+        self._pending: list[tuple[nn.Parameter, Tensor | None]] = []
         self._loss_scale = 1.0
-        self._tied: list[tuple[list[str], Any]] = []
         pp_group = strategy.pipeline_parallel_group
         self.last_rank = dist.get_global_rank(pp_group, strategy.pipeline_parallel_size - 1)
         self.pp_group = pp_group
 
-    def create_tied_groups(self, module: nn.Module) -> None:
-        """One process group per tied-weight set: the pp ranks owning it, at this rank's (dp, tp)."""
-        dims = self.strategy.dims
-        assert dims is not None
-        mesh = self.strategy.device_mesh.mesh  # shape (pp, dp, tp) of global ranks
-        from lit_parallel.parallel.pipeline import stage_ids_for_rank
+    def sync_tied_gradients(self, module: nn.Module) -> None:
+        from lit_parallel.parallel.pipeline import reduce_tied_gradients
 
-        owner_pp = {
-            s: r for r in range(dims.pp)
-            for s in stage_ids_for_rank(r, dims.pp, self.strategy.pipeline_schedule,
-                                        self.strategy.virtual_pipeline_stages)
-        }
-        me = dims.coordinates(self.strategy.global_rank)
-        for names, stages in getattr(self.plan, "tied_parameters", []):
-            pp_ranks = sorted({owner_pp[s] for s in stages})
-            if len(pp_ranks) < 2:
-                continue
-            # new_group must be called by every rank, for every group, in the same order.
-            mine = None
-            for dp in range(dims.dp):
-                for tp in range(dims.tp):
-                    ranks = [int(mesh[p, dp, tp]) for p in pp_ranks]
-                    group = dist.new_group(ranks)
-                    if (dp, tp) == (me["dp"], me["tp"]) and me["pp"] in pp_ranks:
-                        mine = group
-            if mine is not None:
-                self._tied.append((list(names), mine))
+        if self.plan.tied_parameters:
+            reduce_tied_gradients(module.model, self.plan, group=self.pp_group)
 
     @torch.no_grad()
-    def sync_tied_gradients(self, module: nn.Module) -> None:
-        from lit_parallel.parallel.data_parallel import local_tensor
-
-        params = dict(module.model.named_parameters(remove_duplicate=False))
-        for names, group in self._tied:
-            local = [params[n] for n in names if n in params]
-            if not local:
-                continue
-            grad = local[0].grad
-            if grad is None:
-                grad = local[0].grad = torch.zeros_like(local[0])
-            dist.all_reduce(local_tensor(grad), group=group)
+    def restore_gradients(self) -> None:
+        """Add the gradients of the last training schedule to whatever ``.grad`` holds now."""
+        for param, grad in self._pending:
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad + grad
+        self._pending = []
 
     def _schedule(self, module: Any, training: bool, batch_size: int) -> Any:
         from torch.distributed.pipelining import PipelineStage
@@ -635,8 +608,10 @@ class _PipelineRuntime:
                 for mod, sid in zip(self.stage_modules, self.stage_ids)
             ]
             loss_fn = self._loss_fn(module) if training else None
+            # scale_grads=False: the loss carries 1/microbatches (and Lightning's 1/accumulation),
+            # so gradients accumulated over several batches are not rescaled by the schedule.
             self._schedules[key] = build_schedule(
-                self.strategy.pipeline_schedule, stages, self.strategy.num_microbatches, loss_fn
+                self.strategy.pipeline_schedule, stages, self.strategy.num_microbatches, loss_fn, scale_grads=False
             )
         return self._schedules[key]
 
@@ -650,6 +625,12 @@ class _PipelineRuntime:
 
     def run(self, module: Any, batch: Any) -> tuple[Tensor, Any]:
         args, kwargs = module.model_inputs(batch)
+        if self.has_first:
+            # Only tensors travel through a pipeline: bind the inputs to the first stage positionally.
+            first_stage = self.stage_modules[self.stage_ids.index(0)]
+            bound = inspect.signature(first_stage.forward).bind(
+                *args, **{k: v for k, v in kwargs.items() if v is not None})
+            args, kwargs = bound.args, bound.kwargs
         target = module.loss_target(batch)
         batch_size = int(target.shape[0])
         m = self.strategy.num_microbatches
@@ -669,8 +650,17 @@ class _PipelineRuntime:
             # runs the backward itself, so the same factor (and 1/microbatches) goes into its loss.
             self._loss_scale = 1.0 / (m * trainer.accumulate_grad_batches)
             self._microbatch_losses = []
+            params = [p for p in module.parameters() if p.requires_grad]
+            earlier = [p.grad for p in params]  # gradients accumulated by previous batches
+            for p in params:
+                p.grad = None
             schedule.step(*inputs, target=target if self.has_last else None, **extra)
-            loss = torch.stack(self._microbatch_losses).mean() if self.has_last else torch.zeros((), device=device)
+            self._pending = [(p, p.grad) for p in params]
+            for p, grad in zip(params, earlier):
+                p.grad = grad
+            # The first step also calls loss_fn once for metadata inference: keep the last m calls.
+            losses = self._microbatch_losses[-m:]
+            loss = torch.stack(losses).mean() if self.has_last else torch.zeros((), device=device)
             dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
             return loss, None
         with torch.no_grad():

@@ -24,6 +24,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -235,6 +236,23 @@ class HybridParallelStrategy(ParallelStrategy):
     def lightning_restore_optimizer(self) -> bool:
         return False  # optimizer state is loaded by load_checkpoint (DCP)
 
+    # -- precision: every plugin is made mesh-aware --------------------------------------------------
+    @property
+    @override
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else Precision()
+
+    @precision_plugin.setter
+    @override
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        # Lightning builds the plugin from Trainer(precision=...); swap in the mesh-aware equivalent so
+        # inf checks, loss scaling and clipping agree on every rank of the mesh.
+        if plugin is not None:
+            from lit_parallel.precision import to_mesh_aware
+
+            plugin = to_mesh_aware(plugin)
+        self._precision_plugin = plugin
+
     # -- launch and setup --------------------------------------------------------------------------
     @override
     def _configure_launcher(self) -> None:
@@ -260,6 +278,9 @@ class HybridParallelStrategy(ParallelStrategy):
         self._device_mesh = build_mesh(self.dims, self.root_device.type)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
+        attach = getattr(self.precision_plugin, "attach_strategy", None)
+        if attach is not None:
+            attach(self)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -619,7 +640,11 @@ class _PipelineRuntime:
         def loss_fn(output: Tensor, target: Tensor) -> Tensor:
             loss = module.loss_fn(output, target)
             self._microbatch_losses.append(loss.detach())
-            return loss * self._loss_scale
+            loss = loss * self._loss_scale
+            # Lightning's precision backward (which applies the fp16 loss scale) is skipped under a
+            # pipeline, so the scale goes into the schedule's loss instead.
+            scale_loss = getattr(self.strategy.precision_plugin, "scale_loss", None)
+            return scale_loss(loss) if scale_loss is not None else loss
 
         return loss_fn
 

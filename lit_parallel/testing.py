@@ -76,6 +76,8 @@ def _worker(
         results.put((rank, True, payload))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
+        results.close()
+        results.join_thread()  # make sure the traceback left this process before it exits
         # Skip interpreter teardown: destroying a group whose peers hang can itself hang.
         os._exit(1)
     if dist.is_initialized():

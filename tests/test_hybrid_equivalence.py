@@ -1,25 +1,27 @@
 """HybridParallelStrategy trains exactly like one process: per-step loss and final parameters.
 
-Every layout of at most 4 ranks among (tp, pp, dp) is compared, in fp32 with AdamW, against a
-single-process Lightning run on the same global batches from the same seed.
+Every layout of at most 4 ranks among (tp, pp, dp) is compared, in fp32 with AdamW for 5 steps,
+against a single-process Lightning run on the same global batches from the same seed, for an MLP,
+a tiny GPT-2 (fused-qkv attention, tied embeddings, odd vocabulary) and a tiny BERT classifier.
+Layouts of one world size run one after another inside the same spawned processes.
 """
 
 from __future__ import annotations
-
-import os
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from lit_parallel import HybridParallelStrategy
-from lit_parallel.models import ImageClassifier, mlp
+from lit_parallel.models import CausalLM, ImageClassifier, SequenceClassifier, mlp
 from lit_parallel.testing import global_batch_order, run_distributed
 
-SEED, STEPS, GLOBAL_BATCH, FEATURES = 11, 5, 16, 12
-LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2)]  # (tp, pp, dp)
+SEED, STEPS, GLOBAL_BATCH, SEQ, FEATURES = 11, 5, 8, 16, 12
+TWO_RANK = [(2, 1, 1), (1, 2, 1), (1, 1, 2)]  # (tp, pp, dp)
+FOUR_RANK = [(2, 2, 1), (2, 1, 2), (1, 2, 2)]
 
 
 class _LossRecorder(Callback):
@@ -30,70 +32,101 @@ class _LossRecorder(Callback):
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
-def _mlp_module() -> ImageClassifier:
-    return ImageClassifier(net=mlp(in_features=FEATURES, hidden=32, depth=3), lr=1e-2, optimizer="adamw",
-                           weight_decay=0.01)
+class _TokenData(Dataset):
+    def __init__(self, vocab: int, classes: int | None) -> None:
+        g = torch.Generator().manual_seed(0)
+        n = STEPS * GLOBAL_BATCH
+        self.ids = torch.randint(0, vocab, (n, SEQ), generator=g)
+        self.labels = torch.randint(0, classes, (n,), generator=g) if classes else self.ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long),
+                "labels": self.labels[i]}
 
 
-def _mlp_data() -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    n = STEPS * GLOBAL_BATCH
-    return TensorDataset(torch.randn(n, FEATURES, generator=g), torch.randint(0, 10, (n,), generator=g))
+def _build(family: str):
+    """A fresh module (same seed => same initial weights) and its dataset.
+
+    The HF models use AdamW eps=1e-6: the attention key bias has a gradient that is exactly zero in
+    exact arithmetic and ~1e-9 of summation-order noise in practice, which eps=1e-8 would turn into
+    parameter steps of lr-size that differ between layouts.
+    """
+    if family == "mlp":
+        module = ImageClassifier(net=mlp(in_features=FEATURES, hidden=32, depth=3), lr=1e-2, weight_decay=0.01)
+        g = torch.Generator().manual_seed(0)
+        n = STEPS * GLOBAL_BATCH
+        return module, TensorDataset(torch.randn(n, FEATURES, generator=g), torch.randint(0, 10, (n,), generator=g))
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=101, n_embd=32, n_layer=4, n_head=4, n_positions=SEQ, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)
+        return CausalLM(GPT2LMHeadModel(config), lr=2e-3, weight_decay=0.01, eps=1e-6), _TokenData(101, None)
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_labels=3)
+    return SequenceClassifier(BertForSequenceClassification(config), num_labels=3, lr=2e-3, eps=1e-6), _TokenData(99, 3)
 
 
-def _fit(layout: tuple[int, int, int] | None, schedule: str = "1f1b", microbatches: int = 2):
+def _trainer(devices: int, strategy, recorder) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[recorder])
+
+
+def _reference(family: str, dp: int):
     L.seed_everything(SEED, verbose=False)
-    module = _mlp_module()
+    module, data = _build(family)
+    order = global_batch_order(len(data), dp, GLOBAL_BATCH // dp, SEED)
     recorder = _LossRecorder()
-    common = dict(accelerator="cpu", max_steps=STEPS, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
-    if layout is None:
-        dp = int(os.environ.get("REF_DP", "1"))
-        order = global_batch_order(STEPS * GLOBAL_BATCH, dp, GLOBAL_BATCH // dp, SEED)
-        loader = DataLoader(_mlp_data(), batch_size=GLOBAL_BATCH, sampler=order)
-        trainer = L.Trainer(devices=1, **common)
-        trainer.fit(module, loader)
-        return recorder.losses, {k: v.detach().clone() for k, v in module.model.state_dict().items()}
-    tp, pp, dp = layout
-    strategy = HybridParallelStrategy(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
-                                      num_microbatches=microbatches, pipeline_schedule=schedule)
-    loader = DataLoader(_mlp_data(), batch_size=GLOBAL_BATCH // dp, shuffle=True)
-    trainer = L.Trainer(devices=tp * pp * dp, strategy=strategy, **common)
-    trainer.fit(module, loader)
-    return recorder.losses, strategy.export_state_dict()
+    _trainer(1, "auto", recorder).fit(module, DataLoader(data, batch_size=GLOBAL_BATCH, sampler=order))
+    return recorder.losses, {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
-def _reference(dp: int):
-    os.environ["REF_DP"] = str(dp)
-    try:
-        return _fit(None)
-    finally:
-        del os.environ["REF_DP"]
+def _fit_layouts(family: str, layouts: list[tuple[int, int, int]], schedule: str = "1f1b",
+                 microbatches: int = 2) -> list:
+    out = []
+    for tp, pp, dp in layouts:
+        L.seed_everything(SEED, verbose=False)
+        module, data = _build(family)
+        recorder = _LossRecorder()
+        strategy = HybridParallelStrategy(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+                                          num_microbatches=microbatches, pipeline_schedule=schedule)
+        _trainer(tp * pp * dp, strategy, recorder).fit(module, DataLoader(data, batch_size=GLOBAL_BATCH // dp,
+                                                                          shuffle=True))
+        out.append((recorder.losses, strategy.export_state_dict()))
+    return out
 
 
-def _check(layout, results, reference) -> None:
-    ref_losses, ref_state = reference
-    for rank, (losses, _) in enumerate(results):
-        assert len(losses) == STEPS
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7,
-                                   msg=f"layout {layout} rank {rank}: per-step train/loss differs")
-    state = results[0][1]
-    assert state is not None and sorted(state) == sorted(ref_state)
-    for name, value in ref_state.items():
-        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=f"layout {layout}: {name}")
+def _check(family: str, layouts, results) -> None:
+    references = {dp: _reference(family, dp) for dp in {layout[2] for layout in layouts}}
+    for index, layout in enumerate(layouts):
+        ref_losses, ref_state = references[layout[2]]
+        for rank, rank_results in enumerate(results):
+            losses = rank_results[index][0]
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7,
+                                       msg=f"{family} {layout} rank {rank}: per-step train/loss differs")
+        state = results[0][index][1]
+        # Tied weights are one tensor in the reference, two entries in state_dict; both are exported.
+        assert sorted(state) == sorted(ref_state), f"{family} {layout}: exported names differ"
+        for name, value in ref_state.items():
+            diff = (state[name] - value).abs().max().item()
+            torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-5,
+                                       msg=f"{family} {layout}: {name} differs by {diff:.2e}")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"tp{t[0]}pp{t[1]}dp{t[2]}")
-def test_mlp_layout_matches_single_process(layout):
-    reference = _reference(layout[2])
-    results = run_distributed(_fit, world_size=layout[0] * layout[1] * layout[2], args=(layout,),
-                              init_process_group=False, timeout=240)
-    _check(layout, results, reference)
+@pytest.mark.parametrize("family", ["mlp", "gpt2", "bert"])
+@pytest.mark.parametrize("layouts", [TWO_RANK, FOUR_RANK], ids=["2ranks", "4ranks"])
+def test_layouts_match_single_process(family, layouts):
+    world = layouts[0][0] * layouts[0][1] * layouts[0][2]
+    results = run_distributed(_fit_layouts, world_size=world, args=(family, layouts), init_process_group=False,
+                              timeout=480)
+    _check(family, layouts, results)
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b"])
-def test_mlp_pipeline_schedules(schedule):
-    reference = _reference(1)
-    results = run_distributed(_fit, world_size=2, args=((1, 2, 1), schedule, 4), init_process_group=False,
-                              timeout=240)
-    _check((1, 2, 1), results, reference)
+def test_pipeline_schedules(schedule):
+    results = run_distributed(_fit_layouts, world_size=2, args=("mlp", [(1, 2, 1)], schedule, 4),
+                              init_process_group=False, timeout=300)
+    _check("mlp", [(1, 2, 1)], results)

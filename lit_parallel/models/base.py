@@ -34,6 +34,7 @@ class ParallelModule(L.LightningModule):
         weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
         lr_schedule: ``"constant"``, ``"cosine"`` or ``"linear"`` decay after warm-up, or ``"onecycle"``.
         warmup_steps: linear warm-up steps (``"cosine"``/``"linear"``); ``onecycle`` warms up 10 %.
+        eps: the Adam/AdamW epsilon.
     """
 
     model: nn.Module
@@ -45,6 +46,7 @@ class ParallelModule(L.LightningModule):
         weight_decay: float = 0.0,
         lr_schedule: Literal["constant", "cosine", "linear", "onecycle"] = "constant",
         warmup_steps: int = 0,
+        eps: float = 1e-8,
     ) -> None:
         super().__init__()
         if optimizer not in _OPTIMIZERS:
@@ -56,7 +58,7 @@ class ParallelModule(L.LightningModule):
         if warmup_steps < 0:
             raise ConfigurationError(f"model.warmup_steps={warmup_steps} must be >= 0.")
         self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
-        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
+        self.lr_schedule, self.warmup_steps, self.eps = lr_schedule, warmup_steps, eps
 
     # -- the step split that parallel strategies rely on -------------------------------------------
     def model_inputs(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -111,9 +113,9 @@ class ParallelModule(L.LightningModule):
         if self.optimizer_name == "sgd":
             optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
         elif self.optimizer_name == "adam":
-            optimizer = torch.optim.Adam(groups, lr=self.lr)
+            optimizer = torch.optim.Adam(groups, lr=self.lr, eps=self.eps)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=self.lr)
+            optimizer = torch.optim.AdamW(groups, lr=self.lr, eps=self.eps)
         if self.lr_schedule == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -651,11 +650,7 @@ class _PipelineRuntime:
     def run(self, module: Any, batch: Any) -> tuple[Tensor, Any]:
         args, kwargs = module.model_inputs(batch)
         if self.has_first:
-            # Only tensors travel through a pipeline: bind the inputs to the first stage positionally.
-            first_stage = self.stage_modules[self.stage_ids.index(0)]
-            bound = inspect.signature(first_stage.forward).bind(
-                *args, **{k: v for k, v in kwargs.items() if v is not None})
-            args, kwargs = bound.args, bound.kwargs
+            args, kwargs = _positional_inputs(args, kwargs), {}
         target = module.loss_target(batch)
         batch_size = int(target.shape[0])
         m = self.strategy.num_microbatches
@@ -708,6 +703,27 @@ class _PipelineRuntime:
             output = torch.empty(tuple(shape.tolist()), dtype=_DTYPES[int(dtype_code.item())], device=device)
         dist.broadcast(output.contiguous(), src=self.last_rank, group=self.pp_group)
         return loss, output
+
+
+# Order in which HF-style keyword inputs reach a first pipeline stage (only tensors travel positionally).
+_HF_INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _positional_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    unknown = sorted(set(kwargs) - set(_HF_INPUT_ORDER))
+    if unknown:
+        raise ConfigurationError(
+            f"model_inputs returned keyword inputs {unknown} that a pipeline stage cannot take; "
+            f"valid: positional tensors or {list(_HF_INPUT_ORDER)}."
+        )
+    present = [k for k in _HF_INPUT_ORDER if kwargs.get(k) is not None]
+    values = []
+    for key in _HF_INPUT_ORDER[: _HF_INPUT_ORDER.index(present[-1]) + 1] if present else ():
+        value = kwargs.get(key)
+        if value is None and key == "attention_mask":
+            value = torch.ones_like(kwargs["input_ids"])  # the same attention as no mask
+        values.append(value)
+    return (*args, *values)
 
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

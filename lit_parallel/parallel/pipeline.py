@@ -1,0 +1,839 @@
+"""Pipeline parallelism: split a model into stages and run them with ``torch.distributed.pipelining``.
+
+The split follows torchtitan's ``pipeline_module_split``: every rank keeps the *same* module tree as the
+unsplit model with the parts it does not own removed, so parameter names (FQNs) never change; the stage
+modules that ``PipelineStage`` wraps are thin views over that tree. Everything here is pure torch: the
+planning functions run no collective and raise :class:`~lit_parallel.errors.ConfigurationError` on bad
+input, so a strategy can validate before it builds its mesh.
+
+Example::
+
+    plan = plan_pipeline(model, num_stages=4)                     # 2 ranks x 2 virtual stages
+    ids = stage_ids_for_rank(pp_rank, 2, "interleaved_1f1b", virtual_stages=2)
+    local_model, stage_modules = build_local_model(model, plan, ids)
+    stages = [PipelineStage(m, i, plan.num_stages, device, group=pp_group)
+              for i, m in zip(ids, stage_modules)]
+    schedule = build_schedule("interleaved_1f1b", stages, n_microbatches=4, loss_fn=loss_fn)
+    loss, _ = pipeline_step(schedule, stages, (input_ids, attention_mask), target=labels)
+    reduce_tied_gradients(local_model, plan, group=pp_group)      # GPT-2 wte <-> lm_head
+    optimizer.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleSingle,
+    _Action,
+    _ComputationType,
+    _PipelineSchedule,
+    _PipelineScheduleRuntime,
+    _ScheduleForwardOnly,
+)
+
+from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.tensor_parallel import detect_family
+
+__all__ = [
+    "FAMILIES",
+    "SCHEDULES",
+    "SINGLE_STAGE_SCHEDULES",
+    "V_SCHEDULES",
+    "PipelinePlan",
+    "build_local_model",
+    "build_schedule",
+    "pipeline_step",
+    "plan_pipeline",
+    "reduce_tied_gradients",
+    "stage_ids_for_rank",
+    "validate_pipeline",
+]
+
+SCHEDULES: dict[str, type[_PipelineSchedule]] = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "looped_bfs": ScheduleLoopedBFS,
+    "interleaved_zero_bubble": ScheduleInterleavedZeroBubble,
+    "zero_bubble": ScheduleInterleavedZeroBubble,
+    "zbv_zero_bubble": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+"""Every torch pipeline schedule by a lowercase name (``zero_bubble`` is ``interleaved_zero_bubble``)."""
+
+SINGLE_STAGE_SCHEDULES = frozenset(n for n, c in SCHEDULES.items() if issubclass(c, PipelineScheduleSingle))
+"""Schedules that run exactly one stage per rank (``virtual_stages`` must be 1)."""
+
+V_SCHEDULES = frozenset({"zbv_zero_bubble", "dualpipev"})
+"""Schedules that place two stages per rank in a "V": rank ``r`` runs stages ``r`` and ``2p - 1 - r``."""
+
+FAMILIES = ("sequential", "gpt2", "bert", "llama")
+"""Model families with an automatic split (see :func:`plan_pipeline`)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Families: where the blocks are, what the first and last stage own, and how a stage runs.
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """Module FQNs of a family: the repeated blocks (in order) and the first/last stages' extras."""
+
+    units: list[list[str]]  # blocks in execution order; a stage owns a contiguous run of them
+    pre: list[str]  # embeddings, owned by the first stage
+    post: list[str]  # final norm and head, owned by the last stage
+
+
+_BLOCK_LISTS = {"gpt2": "transformer.h", "bert": "bert.encoder.layer", "llama": "model.layers"}
+_HEADS = {
+    "gpt2": "GPT2LMHeadModel, GPT2ForSequenceClassification",
+    "bert": "BertForSequenceClassification (with its pooler)",
+    "llama": "LlamaForCausalLM",
+}
+
+
+def _blocks(model: nn.Module, family: str) -> list[list[str]]:
+    path = _BLOCK_LISTS[family]
+    return [[f"{path}.{i}"] for i in range(len(model.get_submodule(path)))]
+
+
+def _sequential_units(model: nn.Module, split_points: Sequence[str] | None) -> list[list[str]]:
+    names = [name for name, _ in model.named_children()]
+    if split_points is not None:
+        return [[n] for n in names]
+    # A parameter-free child (activation, pooling, flatten) rides with the parameterized layer before it,
+    # so "layers" are the layers with weights and no stage is made of a lone ReLU.
+    units: list[list[str]] = []
+    pending: list[str] = []
+    for name in names:
+        has_params = any(True for _ in model.get_submodule(name).parameters())
+        if has_params:
+            units.append(pending + [name])
+            pending = []
+        elif units:
+            units[-1].append(name)
+        else:
+            pending.append(name)
+    if pending:  # no parameterized child at all
+        units.append(pending)
+    return units
+
+
+def _layout(model: nn.Module, family: str, split_points: Sequence[str] | None) -> _Layout:
+    if family == "sequential":
+        if not isinstance(model, nn.Sequential):
+            raise ConfigurationError(f"family='sequential' needs an nn.Sequential, got {type(model).__name__}.")
+        return _Layout(_sequential_units(model, split_points), [], [])
+    if family not in _BLOCK_LISTS:
+        raise ConfigurationError(f"family={family!r} is unknown; valid: {list(FAMILIES)}.")
+    try:
+        if family == "gpt2":
+            head = "lm_head" if hasattr(model, "lm_head") else "score"
+            layout = _Layout(
+                _blocks(model, family), ["transformer.wte", "transformer.wpe", "transformer.drop"],
+                ["transformer.ln_f", head],
+            )
+        elif family == "bert":
+            layout = _Layout(_blocks(model, family), ["bert.embeddings"], ["bert.pooler", "dropout", "classifier"])
+        else:
+            # model.rotary_emb has buffers only and is kept on every stage (each recomputes its cos/sin).
+            layout = _Layout(_blocks(model, family), ["model.embed_tokens"], ["model.norm", "lm_head"])
+        for fqn in layout.pre + layout.post:
+            if not isinstance(model.get_submodule(fqn), nn.Module):
+                raise AttributeError(f"{fqn} is not a module")
+    except AttributeError as err:
+        raise ConfigurationError(
+            f"family={family!r} does not match {type(model).__name__}: {err}. Pipeline heads supported: "
+            f"{_HEADS[family]}."
+        ) from err
+    return layout
+
+
+def _resolve_family(model: nn.Module, family: str | None, split_points: Sequence[str] | None) -> str:
+    if family is not None:
+        if family not in FAMILIES:
+            raise ConfigurationError(f"family={family!r} is unknown; valid: {list(FAMILIES)}.")
+        return family
+    try:
+        return detect_family(model)
+    except ConfigurationError:
+        config = getattr(model, "config", None)
+        what = type(model).__name__ + (f" (model_type={config.model_type!r})" if config is not None else "")
+        raise ConfigurationError(
+            f"pipeline parallelism cannot split {what}: supported families are {list(FAMILIES)} "
+            "(nn.Sequential, GPT2LMHeadModel/GPT2ForSequenceClassification, BertForSequenceClassification, "
+            "LlamaForCausalLM). For a supported family you may choose the stage boundaries with "
+            "split_points=['transformer.h.4', ...] (FQNs of the blocks where a new stage begins; for an "
+            "nn.Sequential the child indices, e.g. split_points=['3']); any other model must be written as an "
+            "nn.Sequential of its blocks, or given a family in lit_parallel/parallel/pipeline.py "
+            "(see docs/pipeline.md, 'Adding a family')."
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Which modules each pipeline stage owns, by their FQNs in the unsplit model.
+
+    Attributes:
+        family: the model family (one of :data:`FAMILIES`).
+        stages: per stage, the FQNs of the modules it owns (embeddings on stage 0, final norm and head on
+            the last). Parameter-free modules outside every list (e.g. Llama's rotary embedding) are
+            kept on every stage.
+        parameter_counts: per stage, the number of parameters it holds.
+        tied_parameters: groups of parameter FQNs that are one tensor in the unsplit model but live on
+            different stages (GPT-2's ``transformer.wte.weight`` and ``lm_head.weight``). Each stage holds
+            its own copy; :func:`reduce_tied_gradients` sums their gradients so the copies stay equal.
+        tied_shapes: the shape of each tied group's tensor (ranks owning no member need it to join the
+            all-reduce).
+    """
+
+    family: str
+    stages: tuple[tuple[str, ...], ...]
+    parameter_counts: tuple[int, ...]
+    tied_parameters: tuple[tuple[str, ...], ...] = ()
+    tied_shapes: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def num_stages(self) -> int:
+        """Number of pipeline stages."""
+        return len(self.stages)
+
+    def stage_of(self, fqn: str) -> int:
+        """The stage owning the module or parameter ``fqn``.
+
+        Raises:
+            KeyError: no stage owns it (a module kept on every stage, or an unknown name).
+        """
+        for stage, modules in enumerate(self.stages):
+            if any(fqn == m or fqn.startswith(m + ".") for m in modules):
+                return stage
+        raise KeyError(f"{fqn!r} belongs to no pipeline stage")
+
+
+def _count(model: nn.Module, fqns: Sequence[str]) -> int:
+    # Tied tensors count once per owning module: after the split each stage stores its own copy.
+    return sum(p.numel() for f in fqns for _, p in model.get_submodule(f).named_parameters(remove_duplicate=False))
+
+
+def _balanced_boundaries(weights: list[int], first: int, last: int, k: int) -> list[int]:
+    """Start index of each of ``k`` contiguous non-empty groups minimizing the heaviest stage."""
+    n = len(weights)
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+
+    def cost(s: int, i: int, j: int) -> int:  # stage s holds units i..j-1
+        return prefix[j] - prefix[i] + (first if s == 0 else 0) + (last if s == k - 1 else 0)
+
+    inf = float("inf")
+    # best[s][j]: min over splits of units[:j] into stages 0..s of the heaviest stage; arg[s][j]: start of s.
+    best = [[inf] * (n + 1) for _ in range(k)]
+    arg = [[0] * (n + 1) for _ in range(k)]
+    for j in range(1, n + 1):
+        best[0][j] = cost(0, 0, j)
+    for s in range(1, k):
+        for j in range(s + 1, n + 1):
+            for i in range(s, j):
+                # Ties go to the later start so earlier stages (which also hold activations longer
+                # under 1F1B) get no more than their share.
+                value = max(best[s - 1][i], cost(s, i, j))
+                if value <= best[s][j]:
+                    best[s][j], arg[s][j] = value, i
+    starts, j = [], n
+    for s in range(k - 1, 0, -1):
+        j = arg[s][j]
+        starts.append(j)
+    return [0] + starts[::-1]
+
+
+def plan_pipeline(
+    model: nn.Module,
+    num_stages: int,
+    family: str | None = None,
+    split_points: list[str] | None = None,
+) -> PipelinePlan:
+    """Split ``model`` into ``num_stages`` contiguous stages; pure, no collectives.
+
+    Stages are balanced by parameter count over the family's blocks (transformer layers; for an
+    ``nn.Sequential``, its children with weights, each carrying the parameter-free children after it),
+    counting the embeddings on the first stage and the final norm and head on the last.
+
+    Args:
+        model: the full model (``nn.Sequential`` or a supported Hugging Face model).
+        num_stages: total number of stages (pipeline ranks times virtual stages per rank).
+        family: one of :data:`FAMILIES`; detected from the model when ``None``.
+        split_points: FQNs of the blocks where a new stage begins, e.g. ``["transformer.h.4"]`` for GPT-2 or
+            ``["3"]`` for an ``nn.Sequential`` (child index); ``num_stages - 1`` of them, in order.
+
+    Returns:
+        The plan: owned module FQNs and parameter count per stage, and tied parameters across stages.
+
+    Raises:
+        ConfigurationError: unknown or unsupported family, more stages than blocks, or bad split points.
+
+    Example::
+
+        plan = plan_pipeline(GPT2LMHeadModel(GPT2Config(n_layer=4)), num_stages=2)
+        plan.stages[0]   # ('transformer.wte', 'transformer.wpe', 'transformer.drop', 'transformer.h.0', ...)
+        plan.tied_parameters   # (('transformer.wte.weight', 'lm_head.weight'),)
+    """
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+        raise ConfigurationError(f"num_stages={num_stages!r} is invalid; valid: a positive integer.")
+    family = _resolve_family(model, family, split_points)
+    layout = _layout(model, family, split_points)
+    units = layout.units
+    if num_stages > len(units):
+        raise ConfigurationError(
+            f"{num_stages} pipeline stages but the {family} model has only {len(units)} layers to split "
+            f"({[u[0] for u in units][:8]}{'...' if len(units) > 8 else ''}); valid: num_stages <= {len(units)}."
+        )
+    if split_points is not None:
+        starts = _starts_from_split_points(units, num_stages, split_points)
+    else:
+        weights = [_count(model, u) for u in units]
+        starts = _balanced_boundaries(weights, _count(model, layout.pre), _count(model, layout.post), num_stages)
+    ends = starts[1:] + [len(units)]
+    stages: list[tuple[str, ...]] = []
+    for s, (i, j) in enumerate(zip(starts, ends, strict=True)):
+        owned = [f for u in units[i:j] for f in u]
+        owned = (layout.pre if s == 0 else []) + owned + (layout.post if s == num_stages - 1 else [])
+        stages.append(tuple(owned))
+    counts = tuple(_count(model, s) for s in stages)
+    plan = PipelinePlan(family, tuple(stages), counts)
+    _check_coverage(model, plan)
+    tied, shapes = _tied_groups(model, plan)
+    return PipelinePlan(family, plan.stages, counts, tied, shapes)
+
+
+def _starts_from_split_points(units: list[list[str]], num_stages: int, split_points: Sequence[str]) -> list[int]:
+    valid = [u[0] for u in units[1:]]
+    if len(split_points) != num_stages - 1:
+        raise ConfigurationError(
+            f"split_points={list(split_points)} gives {len(split_points) + 1} stages but num_stages={num_stages}; "
+            f"give {num_stages - 1} FQNs where a new stage begins, from {valid}."
+        )
+    index = {u[0]: i for i, u in enumerate(units)}
+    starts = [0]
+    for point in split_points:
+        if point not in index or index[point] == 0:
+            raise ConfigurationError(f"split point {point!r} is not a block where a stage can begin; valid: {valid}.")
+        if index[point] <= starts[-1]:
+            raise ConfigurationError(f"split_points={list(split_points)} must be distinct and in model order.")
+        starts.append(index[point])
+    return starts
+
+
+def _check_coverage(model: nn.Module, plan: PipelinePlan) -> None:
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        try:
+            plan.stage_of(name)
+        except KeyError:
+            raise ConfigurationError(
+                f"parameter {name!r} of {type(model).__name__} is in no pipeline stage; the {plan.family} family "
+                "does not know this module (see docs/pipeline.md, 'Adding a family')."
+            ) from None
+
+
+def _tied_groups(model: nn.Module, plan: PipelinePlan) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[int, ...], ...]]:
+    by_tensor: dict[int, list[str]] = {}
+    tensors: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+        tensors[id(param)] = param
+    groups, shapes = [], []
+    for key, names in by_tensor.items():
+        if len({plan.stage_of(n) for n in names}) > 1:
+            groups.append(tuple(names))
+            shapes.append(tuple(tensors[key].shape))
+    return tuple(groups), tuple(shapes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage placement and validation
+# ---------------------------------------------------------------------------------------------------
+def _check_schedule_name(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ConfigurationError(f"pipeline_schedule={schedule!r} is unknown; valid: {sorted(SCHEDULES)}.")
+
+
+def _check_virtual_stages(schedule: str, virtual_stages: int) -> None:
+    if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
+        raise ConfigurationError(f"virtual_stages={virtual_stages!r} is invalid; valid: a positive integer.")
+    if schedule in SINGLE_STAGE_SCHEDULES and virtual_stages != 1:
+        raise ConfigurationError(
+            f"pipeline_schedule={schedule!r} runs one stage per rank but virtual_stages={virtual_stages}; "
+            f"valid: virtual_stages=1, or a multi-stage schedule {sorted(set(SCHEDULES) - SINGLE_STAGE_SCHEDULES)}."
+        )
+    if schedule in V_SCHEDULES and virtual_stages != 2:
+        raise ConfigurationError(
+            f"pipeline_schedule={schedule!r} places exactly two stages per rank but virtual_stages={virtual_stages}; "
+            "valid: virtual_stages=2."
+        )
+
+
+def stage_ids_for_rank(pp_rank: int, pp_size: int, schedule: str, virtual_stages: int) -> list[int]:
+    """The stage indices a pipeline rank runs, in increasing order.
+
+    Loop style for interleaved schedules (rank ``r`` runs ``r, r + p, r + 2p, ...``) and "V" style for
+    ``zbv_zero_bubble`` and ``dualpipev`` (rank ``r`` runs ``r`` and ``2p - 1 - r``, so the last rank holds
+    the two middle stages and rank 0 both the first and the last stage).
+
+    Args:
+        pp_rank: this rank's index along the pipeline dimension.
+        pp_size: number of pipeline ranks.
+        schedule: a name from :data:`SCHEDULES`.
+        virtual_stages: stages per rank (1 for single-stage schedules, 2 for V schedules).
+
+    Raises:
+        ConfigurationError: unknown schedule, or a ``virtual_stages`` the schedule cannot run.
+    """
+    _check_schedule_name(schedule)
+    _check_virtual_stages(schedule, virtual_stages)
+    if not 0 <= pp_rank < pp_size:
+        raise ConfigurationError(f"pp_rank={pp_rank} is out of range; valid: 0 <= pp_rank < pp_size={pp_size}.")
+    if schedule in V_SCHEDULES:
+        return [pp_rank, 2 * pp_size - 1 - pp_rank]
+    return [pp_rank + v * pp_size for v in range(virtual_stages)]
+
+
+def _microbatch_rounds_ok(schedule: str, pp_size: int, n_microbatches: int) -> str | None:
+    if schedule in ("interleaved_1f1b", "interleaved_zero_bubble", "zero_bubble"):
+        rounds = max(1, n_microbatches // pp_size)
+        if n_microbatches % rounds:
+            return (
+                f"pipeline_schedule={schedule!r} needs num_microbatches to be a multiple of "
+                f"max(1, num_microbatches // pp)={rounds}, got {n_microbatches}; valid e.g. {pp_size}, {2 * pp_size}."
+            )
+    if schedule == "dualpipev" and n_microbatches < 2 * pp_size:
+        return (
+            f"pipeline_schedule='dualpipev' needs num_microbatches >= number of stages ({2 * pp_size}), "
+            f"got {n_microbatches}."
+        )
+    return None
+
+
+def validate_pipeline(
+    model: nn.Module,
+    pp_size: int,
+    virtual_stages: int,
+    schedule: str,
+    n_microbatches: int,
+    batch_size: int | None = None,
+    family: str | None = None,
+    split_points: list[str] | None = None,
+) -> None:
+    """Check a pipeline configuration without touching any process group.
+
+    Args:
+        model: the full model.
+        pp_size: number of pipeline ranks.
+        virtual_stages: stages per rank.
+        schedule: a name from :data:`SCHEDULES`.
+        n_microbatches: microbatches per step.
+        batch_size: the per-step batch size of one pipeline (``None`` skips that check).
+        family: model family, detected when ``None``.
+        split_points: user stage boundaries (see :func:`plan_pipeline`).
+
+    Raises:
+        ConfigurationError: the first problem found, naming the bad value and the valid choices.
+    """
+    _check_schedule_name(schedule)
+    if isinstance(pp_size, bool) or not isinstance(pp_size, int) or pp_size < 1:
+        raise ConfigurationError(f"pipeline_parallel_size={pp_size!r} is invalid; valid: a positive integer.")
+    _check_virtual_stages(schedule, virtual_stages)
+    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
+        raise ConfigurationError(f"num_microbatches={n_microbatches!r} is invalid; valid: a positive integer.")
+    if batch_size is not None and batch_size % n_microbatches:
+        raise ConfigurationError(
+            f"batch size {batch_size} is not divisible by num_microbatches={n_microbatches}; valid: a batch size "
+            f"that is a multiple of {n_microbatches}, or num_microbatches among "
+            f"{[d for d in range(1, batch_size + 1) if batch_size % d == 0]}."
+        )
+    problem = _microbatch_rounds_ok(schedule, pp_size, n_microbatches)
+    if problem:
+        raise ConfigurationError(problem)
+    num_stages = pp_size * virtual_stages
+    resolved = _resolve_family(model, family, split_points)
+    n_layers = len(_layout(model, resolved, split_points).units)
+    if virtual_stages > 1 and n_layers < num_stages:
+        raise ConfigurationError(
+            f"pipeline_schedule={schedule!r} with pp={pp_size} x virtual_stages={virtual_stages} = {num_stages} "
+            f"stages needs at least one layer per virtual stage but the model has {n_layers} layers; "
+            f"valid: virtual_stages <= {max(1, n_layers // pp_size)}."
+        )
+    plan_pipeline(model, num_stages, resolved, split_points)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage modules
+# ---------------------------------------------------------------------------------------------------
+class _SequentialStage(nn.Module):
+    """A run of an ``nn.Sequential``'s children; the first takes ``x``, the last returns the logits."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class _HFStage(nn.Module):
+    """Base of the Hugging Face stages: ``blocks`` are the owned layers, ``config`` the inner model's."""
+
+    def __init__(self, config: Any, blocks: list[nn.Module], is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(blocks)
+        self.is_first, self.is_last = is_first, is_last
+
+    @staticmethod
+    def _mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        # Only tensors travel between stages, so "no mask" becomes an all-ones mask (same attention).
+        if attention_mask is None:
+            return torch.ones_like(input_ids, dtype=torch.long)
+        return attention_mask.to(torch.long).view(input_ids.shape[0], -1)
+
+
+class _GPT2Stage(_HFStage):
+    """GPT-2: first stage takes ``(input_ids, attention_mask=None)``; others ``(hidden, mask[, input_ids])``."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], is_first: bool, is_last: bool) -> None:
+        super().__init__(model.transformer.config, blocks, is_first, is_last)
+        self.classify = not hasattr(model, "lm_head")
+        if is_first:
+            self.wte, self.wpe, self.drop = model.transformer.wte, model.transformer.wpe, model.transformer.drop
+        if is_last:
+            self.ln_f = model.transformer.ln_f
+            self.head = model.score if self.classify else model.lm_head
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        from transformers.masking_utils import create_causal_mask
+
+        if self.is_first:
+            input_ids = args[0]
+            mask = self._mask(input_ids, args[1] if len(args) > 1 else None)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            hidden = self.drop(self.wte(input_ids) + self.wpe(positions))
+        else:
+            hidden, mask = args[0], args[1]
+            input_ids = args[2] if self.classify else None
+            positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        causal = create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=positions
+        )
+        for block in self.blocks:
+            hidden = block(hidden, attention_mask=causal, position_ids=positions)
+        if not self.is_last:
+            return (hidden, mask, input_ids) if self.classify else (hidden, mask)
+        logits = self.head(self.ln_f(hidden))
+        if not self.classify:
+            return logits
+        return logits[torch.arange(logits.shape[0], device=logits.device), self._last_token(input_ids)]
+
+    def _last_token(self, input_ids: torch.Tensor) -> torch.Tensor | int:
+        # As GPT2ForSequenceClassification: the rightmost token that is not padding.
+        if self.config.pad_token_id is None:
+            return -1
+        non_pad = (input_ids != self.config.pad_token_id).to(torch.int32)
+        return (torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32) * non_pad).argmax(-1)
+
+
+class _BertStage(_HFStage):
+    """BERT classifier: first stage takes ``(input_ids, attention_mask=None, token_type_ids=None)``."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], is_first: bool, is_last: bool) -> None:
+        super().__init__(model.bert.config, blocks, is_first, is_last)
+        if is_first:
+            self.embeddings = model.bert.embeddings
+        if is_last:
+            self.pooler, self.dropout, self.classifier = model.bert.pooler, model.dropout, model.classifier
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+        if self.is_first:
+            input_ids = args[0]
+            mask = self._mask(input_ids, args[1] if len(args) > 1 else None)
+            token_type_ids = args[2] if len(args) > 2 else None
+            hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        else:
+            hidden, mask = args
+        # The 2-d padding mask travels; each stage expands it to the attention mask its layers take.
+        if self.config.is_decoder:
+            extended = create_causal_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None
+            )
+        else:
+            extended = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
+        for block in self.blocks:
+            hidden = block(hidden, extended)
+        if not self.is_last:
+            return hidden, mask
+        return self.classifier(self.dropout(self.pooler(hidden)))
+
+
+class _LlamaStage(_HFStage):
+    """Llama causal LM: first stage takes ``(input_ids, attention_mask=None)``; others ``(hidden, mask)``."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], is_first: bool, is_last: bool) -> None:
+        super().__init__(model.model.config, blocks, is_first, is_last)
+        # Parameter-free (buffers only), shared by every stage of the rank.
+        self.rotary_emb = model.model.rotary_emb
+        if is_first:
+            self.embed_tokens = model.model.embed_tokens
+        if is_last:
+            self.norm, self.lm_head = model.model.norm, model.lm_head
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        from transformers.masking_utils import create_causal_mask
+
+        if self.is_first:
+            input_ids = args[0]
+            mask = self._mask(input_ids, args[1] if len(args) > 1 else None)
+            hidden = self.embed_tokens(input_ids)
+        else:
+            hidden, mask = args
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        causal = create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=positions
+        )
+        rotary = self.rotary_emb(hidden, position_ids=positions)
+        for block in self.blocks:
+            hidden = block(hidden, attention_mask=causal, position_embeddings=rotary, position_ids=positions)
+        if not self.is_last:
+            return hidden, mask
+        return self.lm_head(self.norm(hidden))
+
+
+_STAGE_CLASSES: dict[str, Callable[..., nn.Module]] = {"gpt2": _GPT2Stage, "bert": _BertStage, "llama": _LlamaStage}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Local model
+# ---------------------------------------------------------------------------------------------------
+def _parent(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    parent, _, name = fqn.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), name
+
+
+def build_local_model(
+    model: nn.Module, plan: PipelinePlan, stage_ids: Sequence[int]
+) -> tuple[nn.Module, list[nn.Module]]:
+    """Prune ``model`` in place to the stages ``stage_ids``; return it and one module per stage.
+
+    Modules owned by other stages are removed: ``ModuleList``/``Sequential`` entries become a
+    parameter-free ``nn.Module()`` placeholder (indices, hence FQNs, stay those of the unsplit model) and
+    other attributes become ``None``. Parameters tied across stages that this rank holds twice (the first
+    and last stage of a V schedule) are untied so each stage scales and steps its own copy.
+
+    Args:
+        model: the full model, as built on every rank from the same seed; modified in place.
+        plan: from :func:`plan_pipeline`.
+        stage_ids: this rank's stages, from :func:`stage_ids_for_rank`.
+
+    Returns:
+        ``(local_model, stage_modules)``: ``local_model`` is ``model`` itself, whose ``named_parameters()``
+        are exactly this rank's parameters under their original FQNs; ``stage_modules[i]`` runs stage
+        ``stage_ids[i]`` (views sharing ``local_model``'s submodules). The first stage takes the model
+        inputs (``x`` for ``nn.Sequential``; ``input_ids, attention_mask=None`` for Hugging Face models),
+        intermediate stages pass tensors on (hidden states and the 2-d attention mask), the last returns the
+        logits tensor.
+
+    Raises:
+        ConfigurationError: a stage id out of range, repeated, or not in increasing order.
+    """
+    ids = list(stage_ids)
+    if not ids or sorted(set(ids)) != ids or not all(0 <= s < plan.num_stages for s in ids):
+        raise ConfigurationError(
+            f"stage_ids={ids} is invalid; valid: distinct increasing ids in [0, {plan.num_stages})."
+        )
+    for group in plan.tied_parameters:
+        local = [name for name in group if plan.stage_of(name) in ids]
+        seen_stages: set[int] = set()
+        for name in local:
+            stage = plan.stage_of(name)
+            if seen_stages and stage not in seen_stages:
+                owner, attr = _parent(model, name)
+                setattr(owner, attr, nn.Parameter(getattr(owner, attr).detach().clone()))
+            seen_stages.add(stage)
+    for stage, modules in enumerate(plan.stages):
+        if stage in ids:
+            continue
+        for fqn in modules:
+            parent, name = _parent(model, fqn)
+            if isinstance(parent, nn.ModuleList | nn.Sequential):
+                parent._modules[name] = nn.Module()
+            else:
+                setattr(parent, name, None)
+    return model, [_stage_module(model, plan, s) for s in ids]
+
+
+def _stage_module(model: nn.Module, plan: PipelinePlan, stage: int) -> nn.Module:
+    owned = plan.stages[stage]
+    if plan.family == "sequential":
+        return _SequentialStage([model.get_submodule(f) for f in owned])
+    prefix = _BLOCK_LISTS[plan.family] + "."
+    blocks = [model.get_submodule(f) for f in owned if f.startswith(prefix) and f[len(prefix):].isdigit()]
+    return _STAGE_CLASSES[plan.family](model, blocks, stage == 0, stage == plan.num_stages - 1)
+
+
+def reduce_tied_gradients(
+    local_model: nn.Module, plan: PipelinePlan, group: dist.ProcessGroup | None = None
+) -> None:
+    """Sum the gradients of each tied group over its stages and give every copy the sum.
+
+    Call it on every rank of the pipeline group after the schedule's backward and before the optimizer
+    step (it is one all-reduce per tied group; ranks without a member contribute zeros). The result is the
+    gradient the single tied tensor gets in the unsplit model, so the copies stay identical.
+
+    Args:
+        local_model: the pruned model from :func:`build_local_model`.
+        plan: its plan.
+        group: the pipeline process group (the default group when ``None``).
+    """
+    params = dict(local_model.named_parameters(remove_duplicate=False))
+    any_param = next(iter(params.values()), None)
+    for names, shape in zip(plan.tied_parameters, plan.tied_shapes, strict=True):
+        local = list({id(params[n]): params[n] for n in names if n in params}.values())
+        ref = local[0] if local else any_param
+        dtype = ref.dtype if ref is not None else torch.float32
+        device = ref.device if ref is not None else torch.device("cpu")
+        total = torch.zeros(shape, dtype=dtype, device=device)
+        for param in local:
+            if param.grad is not None:
+                total += param.grad
+        dist.all_reduce(total, group=group)
+        for param in local:
+            param.grad = total.clone() if len(local) > 1 else total
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------------
+class _ScheduleForwardOnlyMulti(_PipelineScheduleRuntime):
+    """Forward-only schedule for several stages per rank, loop or V placement.
+
+    Torch's multi-stage schedules keep their backward actions when run without a loss, and the V ones then
+    fail handing a (missing) gradient between the rank's two stages. Here each rank runs its stages in
+    increasing order, every microbatch of one stage before the next; the backward actions torch's
+    validator requires follow as no-ops (and move no tensors, since the stages have no backward).
+    """
+
+    def __init__(self, stages: list[PipelineStage], n_microbatches: int, style: str, **kwargs: Any) -> None:
+        super().__init__(stages=stages, n_microbatches=n_microbatches, loss_fn=None, **kwargs)
+        mapping = generate_stage_to_rank_mapping(self.pp_group_size, self._num_stages, style=style)
+        order: dict[int, list[_Action | None]] = {}
+        for rank in range(self.pp_group_size):
+            local = sorted(s for s, r in mapping.items() if r == rank)
+            forward = [_Action(s, _ComputationType.FORWARD, mb) for s in local for mb in range(n_microbatches)]
+            backward = [
+                _Action(s, _ComputationType.FULL_BACKWARD, mb) for s in reversed(local) for mb in range(n_microbatches)
+            ]
+            order[rank] = forward + backward
+        self.pipeline_order = order
+        self._prepare_schedule_with_comms(order)
+        no_op = (_ComputationType.SEND_B, _ComputationType.RECV_B)
+        for rank, actions in self.pipeline_order_with_comms.items():
+            self.pipeline_order_with_comms[rank] = [a for a in actions if a.computation_type not in no_op]
+        self.register_custom_function(_ComputationType.FULL_BACKWARD, _skip)
+
+
+def _skip(action: _Action, ctx: Any) -> None:
+    """The no-op backward of :class:`_ScheduleForwardOnlyMulti`."""
+
+
+def build_schedule(
+    name: str,
+    stages: list[PipelineStage],
+    n_microbatches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    **kwargs: Any,
+) -> _PipelineSchedule:
+    """Build the torch schedule ``name`` over this rank's stages.
+
+    ``loss_fn(output, target)`` must return the *mean* loss of one microbatch: the schedule divides the
+    summed gradients by ``n_microbatches`` (``scale_grads=True``), so with equal microbatches the gradients
+    are those of the mean loss over the whole batch.
+
+    Args:
+        name: a key of :data:`SCHEDULES`.
+        stages: this rank's ``PipelineStage`` objects, in increasing stage order.
+        n_microbatches: microbatches per step.
+        loss_fn: the microbatch loss, or ``None`` for a forward-only (evaluation) schedule.
+        **kwargs: passed to the torch schedule class (e.g. ``scale_grads``).
+
+    Raises:
+        ConfigurationError: unknown schedule, a stage count the schedule cannot run, or microbatches it
+            cannot divide.
+    """
+    _check_schedule_name(name)
+    if not stages:
+        raise ConfigurationError("build_schedule needs at least one PipelineStage.")
+    pp_size = stages[0].group_size
+    _check_virtual_stages(name, len(stages))
+    problem = _microbatch_rounds_ok(name, pp_size, n_microbatches)
+    if problem:
+        raise ConfigurationError(problem)
+    cls = SCHEDULES[name]
+    if loss_fn is None and issubclass(cls, PipelineScheduleSingle):
+        return _ScheduleForwardOnly(stages[0], n_microbatches, **kwargs)
+    if loss_fn is None:
+        style = "v" if name in V_SCHEDULES else "loop"
+        return _ScheduleForwardOnlyMulti(stages, n_microbatches, style, **kwargs)
+    if issubclass(cls, PipelineScheduleSingle):
+        return cls(stages[0], n_microbatches, loss_fn=loss_fn, **kwargs)
+    return cls(stages, n_microbatches, loss_fn=loss_fn, **kwargs)
+
+
+def pipeline_step(
+    schedule: _PipelineSchedule,
+    stages: Sequence[PipelineStage],
+    args: tuple[torch.Tensor, ...] = (),
+    target: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Run one schedule step with the whole batch; every rank of the pipeline calls it.
+
+    Inputs go positionally to the first stage only and ``target`` to the loss of the last, so each rank may
+    pass the full batch; ranks without those stages ignore them.
+
+    Args:
+        schedule: from :func:`build_schedule` (train or forward-only).
+        stages: the rank's stages the schedule was built over.
+        args: the first stage's inputs (``(x,)`` or ``(input_ids, attention_mask)``).
+        target: the loss target (ignored by forward-only schedules).
+
+    Returns:
+        ``(loss, output)`` on the rank holding the last stage: the mean of the microbatch losses (``None``
+        without a loss) and the merged last-stage output; ``(None, None)`` elsewhere.
+    """
+    first = any(s.is_first for s in stages)
+    last = any(s.is_last for s in stages)
+    training = schedule._loss_fn is not None
+    losses: list[torch.Tensor] | None = [] if last and training else None
+    output = schedule.step(
+        *(args if first else ()), target=target if last and training else None, losses=losses
+    )
+    loss = torch.stack([x.detach() for x in losses]).mean() if losses else None
+    return loss, output if last else None

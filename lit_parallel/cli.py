@@ -159,10 +159,16 @@ _START = time.perf_counter()
 
 
 def _hydra_task(cfg: DictConfig) -> None:
+    from hydra.errors import InstantiationException
+
     try:
         train(cfg)
-    except ConfigurationError as err:
-        print(f"lit-parallel: error: {err}", file=sys.stderr)
+    except (ConfigurationError, InstantiationException) as err:
+        # Hydra wraps errors raised in constructors; the user needs our one-line message, not the wrapper.
+        cause = err if isinstance(err, ConfigurationError) else err.__cause__
+        if not isinstance(cause, ConfigurationError):
+            raise
+        print(f"lit-parallel: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 

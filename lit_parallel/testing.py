@@ -84,6 +84,17 @@ def _worker(
         dist.destroy_process_group()
 
 
+_PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "timed out")
+
+
+def _first_failure(errors: dict[int, str]) -> str:
+    """The root-cause traceback first (not a rank that only saw its peer disappear), then the others."""
+    ranked = sorted(errors, key=lambda r: (any(m in errors[r] for m in _PEER_ERRORS), r))
+    head = f"rank {ranked[0]} raised:\n{errors[ranked[0]]}"
+    others = [f"rank {r} also failed: {errors[r].strip().splitlines()[-1]}" for r in ranked[1:]]
+    return "\n".join([head, *others])
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -129,15 +140,18 @@ def run_distributed(
     for proc in procs:
         proc.start()
     outputs: dict[int, Any] = {}
+    errors: dict[int, str] = {}
     failure: str | None = None
     deadline = time.monotonic() + timeout
     try:
-        while len(outputs) < world_size and failure is None:
+        while len(outputs) + len(errors) < world_size and failure is None:
             try:
                 rank, ok, value = results.get(timeout=0.5)
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outputs]
-                if dead:
+                if errors:
+                    failure = _first_failure(errors)
+                elif dead:
                     time.sleep(1.0)  # its traceback may still be in flight
                     if results.empty():
                         failure = f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} and no traceback"
@@ -148,7 +162,19 @@ def run_distributed(
             if ok:
                 outputs[rank] = pickle.loads(value)
             else:
-                failure = f"rank {rank} raised:\n{value}"
+                errors[rank] = value
+                # Peers of a failing rank fail too ("connection reset"); give the root cause time to arrive.
+                grace = time.monotonic() + 3.0
+                while time.monotonic() < grace and len(outputs) + len(errors) < world_size:
+                    try:
+                        r, ok2, v = results.get(timeout=0.2)
+                    except queue.Empty:
+                        continue
+                    if ok2:
+                        outputs[r] = pickle.loads(v)
+                    else:
+                        errors[r] = v
+                failure = _first_failure(errors)
     finally:
         for proc in procs:
             proc.join(timeout=5 if failure is None else 0.5)

@@ -1,5 +1,6 @@
 """DataModules for the offline datasets and user files."""
 
 from lit_parallel.data.mnist import MNISTDataModule
+from lit_parallel.data.text import LanguageModelingDataModule, TextClassificationDataModule
 
-__all__ = ["MNISTDataModule"]
+__all__ = ["LanguageModelingDataModule", "MNISTDataModule", "TextClassificationDataModule"]

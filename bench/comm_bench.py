@@ -1,0 +1,218 @@
+"""Gradient compression on a slow network: ranks in network namespaces joined by rate-limited veth links.
+
+Run (root, Linux, iproute2): .venv/bin/python bench/comm_bench.py --ranks 2 --rates 100mbit --steps 40
+
+Topology: one namespace per rank (``lpb-r<i>``, address 10.213.0.<i+1>/24) and a hub namespace
+(``lpb-hub``) whose bridge joins them; every rank's veth pair is shaped with ``tc qdisc ... tbf rate R``
+in both directions, so each rank has an R full-duplex link, like one NIC per machine. Only private
+addresses inside the namespaces are used; the host's network is untouched, and the namespaces are
+deleted on exit (also after an error or Ctrl-C).
+
+Each method trains the project's MNIST MLP with ``torch.nn.parallel.DistributedDataParallel`` on gloo
+for the same steps from the same seed, SGD with momentum, and reports: median time of the steps after
+the warm-up, payload bytes per step (what the compressor handed to collectives), wire bytes per step
+(the rank's veth ``tx_bytes``: TCP/IP headers and gloo framing included) and test accuracy at the end.
+Methods: ``ddp`` (DDP's built-in all-reduce), our compressors by name, and ``torch_powersgd`` (torch's
+``powerSGD_hook``). Prints a markdown table and writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HUB, SUBNET, PORT = "lpb-hub", "10.213.0", 29555
+METHODS = ("ddp", "powersgd", "topk", "int8", "onebit", "torch_powersgd")
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+def _ns(rank: int) -> str:
+    return f"lpb-r{rank}"
+
+
+def _teardown(ranks: int) -> None:
+    existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in [HUB, *(_ns(r) for r in range(ranks))]:
+        if name in existing.split():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def _setup(ranks: int, rate: str) -> None:
+    rate_bytes = _rate_bytes(rate)
+    # tbf needs a bucket of at least one timer tick of traffic; 10 ms of it keeps TCP smooth.
+    shape = ["root", "tbf", "rate", rate, "burst", str(max(32 * 1024, rate_bytes // 100)), "latency", "50ms"]
+    _sh("ip", "netns", "add", HUB)
+    _sh("ip", "-n", HUB, "link", "add", "lpbbr", "type", "bridge")
+    _sh("ip", "-n", HUB, "link", "set", "lpbbr", "up")
+    for r in range(ranks):
+        ns = _ns(r)
+        _sh("ip", "netns", "add", ns)
+        _sh("ip", "link", "add", f"lpb{r}", "netns", ns, "type", "veth", "peer", "name", f"lpbh{r}", "netns", HUB)
+        _sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{r + 1}/24", "dev", f"lpb{r}")
+        _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "-n", ns, "link", "set", f"lpb{r}", "up")
+        _sh("ip", "-n", HUB, "link", "set", f"lpbh{r}", "master", "lpbbr")
+        _sh("ip", "-n", HUB, "link", "set", f"lpbh{r}", "up")
+        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", f"lpb{r}", *shape)
+        _sh("ip", "netns", "exec", HUB, "tc", "qdisc", "add", "dev", f"lpbh{r}", *shape)
+
+
+def _rate_bytes(rate: str) -> int:
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    for suffix, scale in units.items():
+        if rate.endswith(suffix):
+            return int(float(rate[: -len(suffix)]) * scale / 8)
+    raise SystemExit(f"--rates: {rate!r} is not like 100mbit or 1gbit")
+
+
+def _run_method(args: argparse.Namespace, rate: str, method: str, out: Path) -> dict:
+    procs = []
+    for r in range(args.ranks):
+        env = os.environ | {
+            "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(PORT), "WORLD_SIZE": str(args.ranks),
+            "RANK": str(r), "GLOO_SOCKET_IFNAME": f"lpb{r}", "OMP_NUM_THREADS": "1",
+        }
+        cmd = ["ip", "netns", "exec", _ns(r), sys.executable, __file__, "--worker", "--method", method,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+               "--hidden", str(args.hidden), "--result", str(out)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=args.timeout)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        # The first failing rank's own error, not its peers' "connection reset".
+        errors = [line for log in logs for line in log.splitlines() if "Error" in line]
+        first = [e for e in errors if "Connection reset" not in e and "Connection closed" not in e] or errors
+        return {"rate": rate, "method": method, "error": (first or ["no error message"])[-1].strip()}
+    return json.loads(out.read_text()) | {"rate": rate}
+
+
+def _orchestrate(args: argparse.Namespace) -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("comm_bench needs root (network namespaces and tc).")
+    rows = []
+    try:
+        for rate in args.rates.split(","):
+            _teardown(args.ranks)
+            _setup(args.ranks, rate)
+            with tempfile.TemporaryDirectory() as tmp:
+                for method in args.methods.split(","):
+                    row = _run_method(args, rate, method, Path(tmp) / f"{method}.json")
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    finally:
+        _teardown(args.ranks)
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+    _print_table(rows, args)
+
+
+def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    print(f"\n{args.ranks} ranks, MLP hidden={args.hidden} ({rows[0].get('params', 0) / 1e6:.2f}M params), "
+          f"{args.steps} steps of {args.batch_size} per rank, warm-up {args.warmup}\n")
+    print("| link | method | median step s | speed-up | payload MB/step | wire MB/step | test acc |")
+    print("|---|---|---|---|---|---|---|")
+    base = {r["rate"]: r["step_s"] for r in rows if r["method"] == "ddp" and "step_s" in r}
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['rate']} | {r['method']} | failed: {r['error'][:80]} | | | | |")
+            continue
+        payload = f"{r['payload_mb']:.3f}" if r["payload_mb"] is not None else "n/a"
+        speedup = f"{base[r['rate']] / r['step_s']:.1f}x" if r["rate"] in base else "n/a"
+        print(f"| {r['rate']} | {r['method']} | {r['step_s']:.3f} | {speedup} | {payload} | "
+              f"{r['wire_mb']:.3f} | {100 * r['test_acc']:.1f} % |")
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lit_parallel.compression import get_compressor
+    from lit_parallel.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
+    from lit_parallel.models import mlp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    raw = load_mnist()
+    images = ((raw["train_images"].float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+    torch.manual_seed(0)
+    model = mlp(hidden=args.hidden, depth=2)
+    ddp = DistributedDataParallel(model)
+    compressor = None
+    if args.method == "torch_powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4,
+                                            start_powerSGD_iter=max(2, args.warmup))
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif args.method != "ddp":
+        kwargs = {"powersgd": {"rank": 4}, "topk": {"ratio": 0.01}}.get(args.method, {})
+        compressor = get_compressor(args.method, warmup_steps=args.warmup, **kwargs)
+        ddp.register_comm_hook(*compressor.ddp_comm_hook(model))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
+    tx_path = Path(f"/sys/class/net/{os.environ['GLOO_SOCKET_IFNAME']}/statistics/tx_bytes")
+    times, wire, payload = [], [], []
+    for step in range(args.steps):
+        start = (step * world + rank) * args.batch_size
+        idx = order[start : start + args.batch_size]
+        tx0, t0 = int(tx_path.read_text()), time.perf_counter()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(images[idx]), raw["train_labels"][idx]).backward()
+        optimizer.step()
+        if compressor is not None:
+            compressor.step()
+        times.append(time.perf_counter() - t0)
+        wire.append(int(tx_path.read_text()) - tx0)
+        if compressor is not None:
+            payload.append(compressor.pop_stats().bytes_sent)
+    measured = slice(args.warmup + 1, None)  # after the warm-up, and after DDP's bucket rebuild
+    model.eval()
+    with torch.no_grad():
+        test = ((raw["test_images"].float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+        acc = (model(test).argmax(1) == raw["test_labels"]).float().mean().item()
+    if rank == 0:
+        Path(args.result).write_text(json.dumps({
+            "method": args.method,
+            "params": sum(p.numel() for p in model.parameters()),
+            "step_s": statistics.median(times[measured]),
+            "payload_mb": statistics.median(payload[measured]) / 1e6 if payload else None,
+            "wire_mb": statistics.median(wire[measured]) / 1e6,
+            "test_acc": acc,
+        }))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--rates", default="100mbit", help="comma-separated tc rates, e.g. 100mbit,1gbit")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5, help="plain all-reduce steps before compressing")
+    parser.add_argument("--batch-size", type=int, default=64, help="per rank")
+    parser.add_argument("--hidden", type=int, default=1024, help="MLP width (2 hidden layers)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per method")
+    parser.add_argument("--json", default="comm_bench.json", help="where the orchestrator writes the rows")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+    else:
+        _orchestrate(args)
+
+
+if __name__ == "__main__":
+    main()

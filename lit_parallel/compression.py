@@ -1,0 +1,45 @@
+"""Gradient compressors for :class:`~lit_parallel.CompressedDDPStrategy` and the hybrid strategy.
+
+Example::
+
+    from lit_parallel.compression import PowerSGD, get_compressor
+
+    Trainer(strategy=CompressedDDPStrategy(compression=PowerSGD(rank=4)))
+    Trainer(strategy="ddp_powersgd")                       # the same with default arguments
+    get_compressor("topk", ratio=0.01)                     # by name (used by config files)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.compression import (
+    BF16,
+    FP16,
+    CommStats,
+    Compressor,
+    Int8,
+    NoCompression,
+    OneBit,
+    PowerSGD,
+    TopK,
+)
+
+__all__ = ["BF16", "COMPRESSORS", "FP16", "CommStats", "Compressor", "Int8", "NoCompression", "OneBit",
+           "PowerSGD", "TopK", "get_compressor"]
+
+COMPRESSORS: dict[str, type[Compressor]] = {
+    cls.name: cls for cls in (NoCompression, FP16, BF16, Int8, TopK, PowerSGD, OneBit)
+}
+
+
+def get_compressor(name: str, **kwargs: Any) -> Compressor:
+    """The compressor registered as ``name``, built with ``kwargs``.
+
+    Raises:
+        ConfigurationError: ``name`` is unknown (the message lists the valid names), or an argument is.
+    """
+    if name not in COMPRESSORS:
+        raise ConfigurationError(f"compression={name!r} is unknown; valid: {sorted(COMPRESSORS)}.")
+    return COMPRESSORS[name](**kwargs)

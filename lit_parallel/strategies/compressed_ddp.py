@@ -1,0 +1,168 @@
+"""Lightning DDP whose gradient all-reduce goes through a compressor, on every backend."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.strategy import _StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lit_parallel.compression import COMPRESSORS, Compressor, NoCompression
+from lit_parallel.errors import ConfigurationError
+
+__all__ = ["CompressedDDPStrategy"]
+
+# Key under which the strategy stores every rank's compressor state in a Lightning checkpoint.
+CHECKPOINT_KEY = "compression"
+_HOOK_ARGUMENTS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+
+
+class CompressedDDPStrategy(DDPStrategy):
+    """:class:`~lightning.pytorch.strategies.DDPStrategy` with compressed gradient all-reduce.
+
+    The compressor is registered as DDP's communication hook on every backend (Lightning's own DDP
+    registers hooks only on CUDA), advanced once per optimizer step (its warm-up counts these), and its
+    state (error-feedback memory, warm starts, step count) of *every* rank is saved in the Lightning
+    checkpoint, so a resumed run continues exactly. Without ``compression`` the strategy is plain DDP:
+    gradients are averaged by an exact all-reduce that also counts its bytes for
+    :class:`~lit_parallel.callbacks.CommunicationMonitor`.
+
+    Args:
+        compression: a :class:`~lit_parallel.compression.Compressor`, a registered name (``"powersgd"``,
+            ``"topk"``, ...), or ``None`` for exact all-reduce.
+        accelerator: as for :class:`DDPStrategy`.
+        parallel_devices: as for :class:`DDPStrategy`.
+        cluster_environment: as for :class:`DDPStrategy`.
+        checkpoint_io: as for :class:`DDPStrategy`.
+        precision_plugin: as for :class:`DDPStrategy`.
+        process_group_backend: as for :class:`DDPStrategy` (``None``: gloo on CPU, NCCL on CUDA).
+        timeout: as for :class:`DDPStrategy`.
+        start_method: as for :class:`DDPStrategy`.
+        **kwargs: passed to :class:`~torch.nn.parallel.DistributedDataParallel`.
+
+    Raises:
+        ConfigurationError: an unknown compressor name or type, a DDP comm hook or model averaging passed
+            as well (the compressor is the hook), or compression with a single data-parallel process.
+
+    Example::
+
+        from lit_parallel import CompressedDDPStrategy
+        from lit_parallel.callbacks import CommunicationMonitor
+        from lit_parallel.compression import PowerSGD
+
+        trainer = Trainer(accelerator="cpu", devices=2, callbacks=[CommunicationMonitor()],
+                          strategy=CompressedDDPStrategy(compression=PowerSGD(rank=4, warmup_steps=100)))
+        trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_powersgd")  # default PowerSGD
+    """
+
+    def __init__(
+        self,
+        compression: Compressor | str | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
+    ) -> None:
+        clashing = [name for name in _HOOK_ARGUMENTS if kwargs.get(name) is not None]
+        if clashing:
+            raise ConfigurationError(
+                f"CompressedDDPStrategy got {clashing}; its compressor is the DDP comm hook. Valid: "
+                f"compression=<one of {sorted(COMPRESSORS)}>, or DDPStrategy for a custom hook."
+            )
+        if isinstance(compression, str):
+            if compression not in COMPRESSORS:
+                raise ConfigurationError(f"compression={compression!r} is unknown; valid: {sorted(COMPRESSORS)}.")
+            compression = COMPRESSORS[compression]()
+        elif compression is not None and not isinstance(compression, Compressor):
+            raise ConfigurationError(
+                f"compression={compression!r} is not a compressor; valid: None, a name in {sorted(COMPRESSORS)} "
+                "or an instance from lit_parallel.compression."
+            )
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **kwargs,
+        )
+        self.compressor: Compressor = compression if compression is not None else NoCompression()
+
+    @override
+    def setup_environment(self) -> None:
+        # Checked before the process group exists, once the device count is known.
+        world_size = self.num_nodes * len(self.parallel_devices or [])
+        if self.compressor.compressing and world_size < 2:
+            raise ConfigurationError(
+                f"compression={self.compressor!r} needs data parallelism, but the trainer runs "
+                f"{world_size} process; valid: devices * num_nodes >= 2, or no compression."
+            )
+        super().setup_environment()
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        assert isinstance(self.model, DistributedDataParallel)
+        self.model.register_comm_hook(*self.compressor.ddp_comm_hook(self.model.module, self.model.process_group))
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self.compressor.step()
+        return output
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        # Error-feedback memory differs per rank, and only rank 0 writes: gather every rank's state.
+        state = self.compressor.state_dict()
+        states = [state]
+        if dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+        checkpoint[CHECKPOINT_KEY] = states
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        states = checkpoint.get(CHECKPOINT_KEY)
+        if states is None:
+            if self.compressor.compressing:
+                rank_zero_warn(f"{checkpoint_path} holds no compression state; {self.compressor!r} starts afresh.")
+            return checkpoint
+        if len(states) != self.world_size:
+            raise ConfigurationError(
+                f"{checkpoint_path} holds compression state of {len(states)} ranks but the run has "
+                f"world_size={self.world_size}; resume with {len(states)} processes."
+            )
+        self.compressor.load_state_dict(states[self.global_rank])
+        return checkpoint
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name in sorted(COMPRESSORS):
+            if name != "none":
+                strategy_registry.register(
+                    f"ddp_{name}", cls, description=f"DDP with {COMPRESSORS[name].__name__} gradient compression",
+                    compression=name,
+                )

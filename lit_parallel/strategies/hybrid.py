@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["HybridParallelStrategy"]
 
 _META_FILE = "meta.pt"
+_COMPRESSION_KEY = "gradient_compression"
 _PRESETS = {
     "hybrid": {},
     "hybrid_tp2": {"tensor_parallel_size": 2},
@@ -139,7 +140,17 @@ class HybridParallelStrategy(ParallelStrategy):
         self.split_points = list(split_points) if split_points else None
         self.model_family = model_family
         self.auto_tensor_parallel = auto_tensor_parallel
-        self.compressor = gradient_compression
+        if isinstance(gradient_compression, str):
+            from lit_parallel.compression import get_compressor
+
+            gradient_compression = get_compressor(gradient_compression)
+        self._compression = gradient_compression
+        # Without compression the dp sync uses the exact "none" compressor, which counts bytes.
+        self._sync_compressor: Any | None = None
+        if gradient_compression is None:
+            from lit_parallel.compression import get_compressor
+
+            self._sync_compressor = get_compressor("none")
         self.bucket_cap_mb = bucket_cap_mb
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -150,6 +161,14 @@ class HybridParallelStrategy(ParallelStrategy):
         self._pipeline: _PipelineRuntime | None = None
 
     # -- sizes and groups --------------------------------------------------------------------------
+    @property
+    def compressor(self) -> Any | None:
+        """The compressor of the data-parallel gradient sync (read by ``CommunicationMonitor``).
+
+        Without ``gradient_compression`` it is the exact, byte-counting ``"none"`` compressor.
+        """
+        return self._sync_compressor if self._sync_compressor is not None else self._compression
+
     @property
     def device_mesh(self) -> DeviceMesh:
         """The ``("pp", "dp", "tp")`` mesh (available from ``configure_model`` on)."""
@@ -269,6 +288,11 @@ class HybridParallelStrategy(ParallelStrategy):
         super().setup_environment()
         world_size = self.num_nodes * self.num_processes
         self.dims = ParallelDims.resolve(self._tp, self._pp, self._dp_arg, world_size)
+        if self._compression is not None and self.dims.dp < 2:
+            raise ConfigurationError(
+                f"gradient_compression={type(self._compression).__name__} needs data parallelism, but dp={self.dims.dp} "
+                f"(tp={self.dims.tp}, pp={self.dims.pp}, world_size={world_size}); use more processes or drop it."
+            )
         self._validate_model()  # every check that needs no collective, before the process group exists
         reset_seed()
         self.set_world_ranks()
@@ -425,7 +449,7 @@ class HybridParallelStrategy(ParallelStrategy):
             self._pipeline.sync_tied_gradients(self.lightning_module)
         if self._grad_sync is not None:
             self._grad_sync.sync()
-        if self.compressor is not None and hasattr(self.compressor, "step"):
+        if self.compressor is not None:
             self.compressor.step()
 
     # -- collectives -------------------------------------------------------------------------------
@@ -499,8 +523,11 @@ class HybridParallelStrategy(ParallelStrategy):
         for index, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{index}"] = optim_state
         dcp.save(state, checkpoint_id=tmp)
-        if self.compressor is not None and hasattr(self.compressor, "state_dict"):
-            checkpoint["gradient_compression"] = self.compressor.state_dict()
+        if self._compression is not None:
+            # Error-feedback memory differs per rank (per dp replica and per tp/pp shard): keep every rank's.
+            states: list[Any] = [None] * self.world_size
+            dist.all_gather_object(states, self.compressor.state_dict())
+            checkpoint[_COMPRESSION_KEY] = states
         checkpoint["parallel_layout"] = self._layout()
         if self.is_global_zero:
             torch.save(checkpoint, tmp / _META_FILE)
@@ -554,10 +581,22 @@ class HybridParallelStrategy(ParallelStrategy):
         for index, optimizer in enumerate(optimizers):
             set_optimizer_state_dict(module, optimizer, state[f"optimizer_{index}"])
         meta = torch.load(path / _META_FILE, map_location="cpu", weights_only=False)
-        compression_state = meta.get("gradient_compression")
-        if compression_state is not None and self.compressor is not None and hasattr(self.compressor, "load_state_dict"):
-            self.compressor.load_state_dict(compression_state)
+        self._load_compression_state(meta, path)
         return meta
+
+    def _load_compression_state(self, meta: dict[str, Any], path: Path) -> None:
+        states = meta.get(_COMPRESSION_KEY)
+        if self._compression is None:
+            return
+        if states is None:
+            rank_zero_warn(f"{path} holds no gradient-compression state; {self.compressor!r} starts afresh.")
+            return
+        if meta.get("parallel_layout") != self._layout():
+            # Error feedback is per local shard; it cannot be mapped onto another sharding.
+            rank_zero_warn(f"{path} was written with layout {meta.get('parallel_layout')} and this run uses "
+                           f"{self._layout()}; the gradient-compression memory starts afresh.")
+            return
+        self.compressor.load_state_dict(states[self.global_rank])
 
     def export_state_dict(self) -> dict[str, Tensor] | None:
         """The full, unsplit network state dict (original FQNs) on global rank 0; ``None`` elsewhere."""

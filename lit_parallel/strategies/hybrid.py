@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -159,6 +160,7 @@ class HybridParallelStrategy(ParallelStrategy):
         self._device_mesh: DeviceMesh | None = None
         self._grad_sync: GradientSynchronizer | None = None
         self._pipeline: _PipelineRuntime | None = None
+        self._parallelized: weakref.ref[Any] | None = None
 
     # -- sizes and groups --------------------------------------------------------------------------
     @property
@@ -293,7 +295,8 @@ class HybridParallelStrategy(ParallelStrategy):
                 f"gradient_compression={type(self._compression).__name__} needs data parallelism, but dp={self.dims.dp} "
                 f"(tp={self.dims.tp}, pp={self.dims.pp}, world_size={world_size}); use more processes or drop it."
             )
-        self._validate_model()  # every check that needs no collective, before the process group exists
+        if not self._is_parallelized():
+            self._validate_model()  # every check that needs no collective, before the process group exists
         reset_seed()
         self.set_world_ranks()
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
@@ -315,6 +318,10 @@ class HybridParallelStrategy(ParallelStrategy):
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
         rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    def _is_parallelized(self) -> bool:
+        """Whether this module was already split and sharded by this strategy (fit, then test)."""
+        return self._parallelized is not None and self._parallelized() is self.lightning_module
 
     def _network(self) -> nn.Module:
         module = self.lightning_module
@@ -363,6 +370,10 @@ class HybridParallelStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         net = self._network()
+        if self._is_parallelized():
+            self.model = module
+            self._finish_setup(trainer)
+            return
         user_parallelized = any(_is_dtensor(p) for p in net.parameters())
         if self.dims.pp > 1:
             net = self._setup_pipeline(net)
@@ -380,6 +391,10 @@ class HybridParallelStrategy(ParallelStrategy):
             module.named_parameters(), group=self.data_parallel_group, compressor=self.compressor,
             bucket_cap_mb=self.bucket_cap_mb,
         )
+        self._parallelized = weakref.ref(module)
+        self._finish_setup(trainer)
+
+    def _finish_setup(self, trainer: pl.Trainer) -> None:
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)

@@ -24,3 +24,13 @@ def compose_cfg(tmp_path):
         return compose([*overrides, f"output_dir={tmp_path}"])
 
     return _compose
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_process_group():
+    """Tests that train in-process must not leak their process group into the next test."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -218,6 +218,8 @@ class DiLoCoState(LocalSGDState):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")
 
         def exchange() -> list[Tensor]:
+            if deltas[0].is_cuda:  # the current CUDA device is per thread
+                torch.cuda.set_device(deltas[0].device)
             self.compressor.reduce_(PSEUDO_GRAD_KEY, deltas, group)
             return deltas
 

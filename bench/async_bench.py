@@ -8,10 +8,10 @@ Uses the rate-limited network namespaces of ``bench/comm_bench.py`` (one namespa
 veth links shaped with ``tc ... tbf``). Each method trains the project's MNIST MLP on gloo from the same
 seed and data order, SGD (lr 0.05, momentum 0.9) as the (inner) optimizer, ``batch_size`` images per
 rank and step: ``ddp`` (torch ``DistributedDataParallel``), ``local_sgd`` (parameters averaged every H
-steps), ``diloco`` and ``diloco_overlap`` (:class:`~lit_parallel.parallel.local_sgd.DiLoCoState`, outer
-lr 0.7, Nesterov momentum 0.9). Reported: wall time of the training loop (rank 0), payload bytes the
-collectives carried (compressor accounting; DDP: the gradient bytes), wire bytes (the rank's veth
-``tx_bytes``) and test accuracy at the end. Prints a markdown table and writes the rows as JSON.
+steps), ``diloco`` and ``diloco_overlap`` (:class:`~lit_parallel.parallel.local_sgd.DiLoCoState` with
+``--outer-lr`` and ``--outer-momentum``, Nesterov). Reported: wall time of the training loop (rank 0),
+payload bytes the collectives carried (compressor accounting; DDP: the gradient bytes), wire bytes (the
+rank's veth ``tx_bytes``) and test accuracy at the end. Prints a markdown table and writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def _run_method(args: argparse.Namespace, method: str, out: Path) -> dict:
         }
         cmd = ["ip", "netns", "exec", _ns(r), sys.executable, __file__, "--worker", "--method", method,
                "--epochs", str(args.epochs), "--sync-every", str(args.sync_every), "--batch-size",
-               str(args.batch_size), "--hidden", str(args.hidden), "--result", str(out)]
+               str(args.batch_size), "--hidden", str(args.hidden), "--outer-lr", str(args.outer_lr),
+               "--outer-momentum", str(args.outer_momentum), "--result", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=args.timeout)[0] for p in procs]
     if any(p.returncode for p in procs):
@@ -80,7 +81,8 @@ def _worker(args: argparse.Namespace) -> None:
     else:
         if args.method == "diloco_overlap":
             group = dist.new_group(backend="gloo")  # the exchange in flight gets a group of its own
-        state = DiLoCoState(params, args.sync_every, overlap=args.method == "diloco_overlap", compressor=compressor)
+        state = DiLoCoState(params, args.sync_every, args.outer_lr, args.outer_momentum,
+                            overlap=args.method == "diloco_overlap", compressor=compressor)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     steps = args.epochs * (len(images) // (world * args.batch_size))
     tx_path = Path(f"/sys/class/net/{os.environ['GLOO_SOCKET_IFNAME']}/statistics/tx_bytes")
@@ -116,7 +118,8 @@ def _worker(args: argparse.Namespace) -> None:
 def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
     ok = [r for r in rows if "error" not in r]
     print(f"\n{args.ranks} ranks at {args.rate}, MLP hidden={args.hidden} ({ok[0]['params'] / 1e6:.2f}M params), "
-          f"{ok[0]['steps']} steps of {args.batch_size} per rank, H={args.sync_every}\n")
+          f"{ok[0]['steps']} steps of {args.batch_size} per rank, H={args.sync_every}, "
+          f"outer lr {args.outer_lr}, outer momentum {args.outer_momentum}\n")
     print("| method | wall s | speed-up | payload MB | wire MB | bytes vs DDP | test acc |")
     print("|---|---|---|---|---|---|---|")
     base = next((r for r in ok if r["method"] == "ddp"), None)
@@ -137,6 +140,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--sync-every", type=int, default=32, help="H of local_sgd and diloco")
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer learning rate")
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo's outer Nesterov momentum")
     parser.add_argument("--batch-size", type=int, default=64, help="per rank")
     parser.add_argument("--hidden", type=int, default=256, help="MLP width (2 hidden layers)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per method")

@@ -1,0 +1,116 @@
+"""HybridParallelStrategy measurements: pipeline bubble vs theory, and parameter bytes per rank.
+
+Run:  .venv/bin/python bench/hybrid_bench.py
+(the step-time ratio against Lightning DDP is bench/step_time.py). Prints markdown tables and writes
+bench/results/hybrid.json. Nothing is asserted: these are measurements, not tests.
+
+Bubble: an 8-layer MLP (width 1024, batch 256) is timed on one process (1 thread) and as 2 pipeline
+stages on 2 ranks (1 thread each) with 1F1B for m microbatches. With perfect overlap the pipelined step
+takes T1/p; the measured bubble is 1 - (T1/p) / T_pp(m) (it also contains the p2p transfers), compared
+with the schedule's ideal (p-1)/(m+p-1).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_parallel import HybridParallelStrategy
+from lit_parallel.models import ImageClassifier, mlp
+from lit_parallel.parallel.data_parallel import local_tensor
+from lit_parallel.testing import run_distributed
+
+WIDTH, DEPTH, BATCH, STEPS = 1024, 8, 256, 12
+OUT = Path(__file__).resolve().parent / "results"
+
+
+class _StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self.t0)
+
+
+def _loader() -> DataLoader:
+    data = TensorDataset(torch.randn(BATCH * STEPS, WIDTH), torch.randint(0, 10, (BATCH * STEPS,)))
+    return DataLoader(data, batch_size=BATCH, shuffle=True)
+
+
+def _step_time(pp: int, microbatches: int) -> float:
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    module = ImageClassifier(net=mlp(in_features=WIDTH, hidden=WIDTH, depth=DEPTH), optimizer="sgd", lr=1e-3)
+    timer = _StepTimer()
+    strategy = (HybridParallelStrategy(pipeline_parallel_size=pp, num_microbatches=microbatches,
+                                       pipeline_schedule="1f1b") if pp > 1 else "auto")
+    trainer = L.Trainer(accelerator="cpu", devices=pp, strategy=strategy, max_steps=STEPS, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[timer])
+    trainer.fit(module, _loader())
+    return statistics.median(timer.times[2:])
+
+
+def _param_bytes(tp: int, pp: int) -> tuple[int, int]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lit_parallel.models import CausalLM
+
+    L.seed_everything(0, verbose=False)
+    config = GPT2Config(vocab_size=8192, n_embd=256, n_layer=8, n_head=8, n_positions=64)
+    module = CausalLM(GPT2LMHeadModel(config))
+    full = sum(p.numel() * p.element_size() for p in module.model.parameters())
+    strategy = HybridParallelStrategy(tensor_parallel_size=tp, pipeline_parallel_size=pp, num_microbatches=2)
+    seen: list[int] = []
+
+    class _Bytes(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            seen.append(sum(local_tensor(p.data).numel() * p.element_size() for p in pl_module.parameters()))
+
+    ids = torch.randint(0, 8192, (8, 64))
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(64, dtype=torch.long), "labels": ids[i]}
+            for i in range(8)]
+    trainer = L.Trainer(accelerator="cpu", devices=tp * pp, strategy=strategy, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[_Bytes()])
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    return seen[0], full
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    t1 = _step_time(1, 1)
+    rows = []
+    for m in (1, 2, 4, 8):
+        tpp = run_distributed(_step_time, world_size=2, args=(2, m), init_process_group=False, timeout=600)[0]
+        measured = 1 - (t1 / 2) / tpp
+        rows.append({"microbatches": m, "step_s": tpp, "bubble_measured": measured, "bubble_ideal": 1 / (m + 1)})
+    print(f"single process step: {t1 * 1e3:.1f} ms\n")
+    print("| m | pp=2 step (ms) | measured bubble | ideal (p-1)/(m+p-1) |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['microbatches']} | {r['step_s'] * 1e3:.1f} | {r['bubble_measured']:.2f} | {r['bubble_ideal']:.2f} |")
+    sizes = []
+    for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+        per_rank = run_distributed(_param_bytes, world_size=tp * pp, args=(tp, pp), init_process_group=False,
+                                   timeout=600)
+        sizes.append({"tp": tp, "pp": pp, "per_rank": [b for b, _ in per_rank], "full": per_rank[0][1]})
+    print("\n| layout | bytes per rank (MiB) | fraction of the full model |\n|---|---|---|")
+    for s in sizes:
+        per = ", ".join(f"{b / 2**20:.2f}" for b in s["per_rank"])
+        frac = ", ".join(f"{b / s['full']:.2f}" for b in s["per_rank"])
+        print(f"| tp={s['tp']} pp={s['pp']} | {per} | {frac} |")
+    (OUT / "hybrid.json").write_text(json.dumps({"single_step_s": t1, "bubble": rows, "param_bytes": sizes},
+                                                indent=2))
+
+
+if __name__ == "__main__":
+    main()

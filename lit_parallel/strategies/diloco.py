@@ -48,10 +48,12 @@ class DiLoCoStrategy(LocalSGDStrategy):
 
     1. ``sync_every`` trades bytes for quality: H=32..500 keeps the accuracy of synchronous training on
        many tasks (the paper uses 500 for language models); bytes fall H-fold against DDP.
-    2. Keep ``outer_lr=0.7, outer_momentum=0.9, nesterov=True`` (the paper's values) unless the loss
-       jumps at each sync (lower ``outer_lr``).
-    3. Add ``overlap=True`` when an exchange takes a noticeable part of a round; it costs the staleness
-       of one round.
+    2. ``outer_lr=0.7, outer_momentum=0.9, nesterov=True`` are the paper's values for AdamW inner steps;
+       with SGD + momentum inner steps they overshoot (MNIST, H=32: -5 pt against DDP); there
+       ``outer_momentum=0.5`` kept DDP's accuracy within 0.5 pt (docs/benchmarks.md).
+    3. Add ``overlap=True`` when an exchange takes a noticeable part of a round. The one-round-late step
+       is less stable: keep ``outer_lr / (1 - outer_momentum)`` small (about 1; it diverged at 2 and
+       above on MNIST).
     4. ``compression`` (``Int8``, ``FP16``, ...) multiplies the saving; pseudo-gradients of many steps
        tolerate quantization well.
 

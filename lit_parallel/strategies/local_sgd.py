@@ -128,17 +128,19 @@ class LocalSGDStrategy(DDPStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        checkpoint[CHECKPOINT_KEY] = self._checkpoint_state()
+        if self._state is not None:  # None outside fitting: there is nothing but the model to save
+            checkpoint[CHECKPOINT_KEY] = self._checkpoint_state()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         super().load_model_state_dict(checkpoint, strict=strict)
         saved = checkpoint.get(CHECKPOINT_KEY)
+        if self._state is None:
+            return  # not fitting: every rank evaluates the checkpoint's model (rank 0's replica)
         if saved is None:
-            if self._state is not None:
-                rank_zero_warn(f"the checkpoint holds no {type(self).__name__} state; every replica starts "
-                               "from rank 0's parameters and the round counter from zero.")
+            rank_zero_warn(f"the checkpoint holds no {type(self).__name__} state; every replica starts "
+                           "from rank 0's parameters and the round counter from zero.")
             return
         ranks = saved["ranks"]
         if len(ranks) != self.world_size:
@@ -147,7 +149,6 @@ class LocalSGDStrategy(DDPStrategy):
                 f"resume with {len(ranks)} processes."
             )
         own = ranks[self.global_rank]
-        assert self._state is not None
         self._state.load_state_dict(saved["algorithm"])
         self._compressor.load_state_dict(own["compressor"])
         with torch.no_grad():

@@ -61,3 +61,8 @@ def test_world_size_mismatch_raises_before_process_group():
     with pytest.raises(ConfigurationError, match=r"pp\(1\) \* dp\(2\) \* tp\(2\) = 4 != world_size\(1\)"):
         trainer.fit(module, [])
     assert not dist.is_initialized()
+
+
+def test_1f1b_needs_a_microbatch_per_stage():
+    with pytest.raises(ConfigurationError, match="num_microbatches=1 is below pipeline_parallel_size=2"):
+        HybridParallelStrategy(pipeline_parallel_size=2, num_microbatches=1, pipeline_schedule="1f1b")

@@ -132,6 +132,12 @@ class HybridParallelStrategy(ParallelStrategy):
                 raise ConfigurationError(
                     f"pipeline_schedule={pipeline_schedule!r} is unknown; valid: {sorted(SCHEDULES)}."
                 )
+        if (pipeline_parallel_size > 1 and pipeline_schedule == "1f1b" and num_microbatches != "auto"
+                and num_microbatches < pipeline_parallel_size):
+            raise ConfigurationError(
+                f"num_microbatches={num_microbatches} is below pipeline_parallel_size={pipeline_parallel_size}; "
+                f"1F1B needs at least one microbatch per stage (valid: >= {pipeline_parallel_size}, or 'gpipe')."
+            )
         if bucket_cap_mb <= 0:
             raise ConfigurationError(f"bucket_cap_mb={bucket_cap_mb} must be > 0.")
         self._tp, self._pp, self._dp_arg = tensor_parallel_size, pipeline_parallel_size, data_parallel_size

@@ -708,11 +708,16 @@ def reduce_tied_gradients(
     step (it is one all-reduce per tied group; ranks without a member contribute zeros). The result is the
     gradient the single tied tensor gets in the unsplit model, so the copies stay identical.
 
+    Copies may be tensor-parallel DTensors sharded differently on different stages (a vocab-parallel head,
+    a replicated embedding): the sum is formed on full tensors and re-sharded per copy.
+
     Args:
         local_model: the pruned model from :func:`build_local_model`.
         plan: its plan.
         group: the pipeline process group (the default group when ``None``).
     """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     params = dict(local_model.named_parameters(remove_duplicate=False))
     any_param = next(iter(params.values()), None)
     for names, shape in zip(plan.tied_parameters, plan.tied_shapes, strict=True):
@@ -723,10 +728,13 @@ def reduce_tied_gradients(
         total = torch.zeros(shape, dtype=dtype, device=device)
         for param in local:
             if param.grad is not None:
-                total += param.grad
+                total += param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
         dist.all_reduce(total, group=group)
         for param in local:
-            param.grad = total.clone() if len(local) > 1 else total
+            if isinstance(param, DTensor):
+                param.grad = distribute_tensor(total, param.device_mesh, param.placements)
+            else:
+                param.grad = total.clone() if len(local) > 1 else total
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -391,8 +391,6 @@ class HybridParallelStrategy(ParallelStrategy):
         module.model = net
         self.model = self.precision_plugin.convert_module(module)
         self.model_to_device()
-        if self._pipeline is not None:
-            self._pipeline.create_tied_groups()
         self._grad_sync = GradientSynchronizer(
             module.named_parameters(), group=self.data_parallel_group, compressor=self.compressor,
             bucket_cap_mb=self.bucket_cap_mb,
@@ -663,63 +661,17 @@ class _PipelineRuntime:
         self._schedules: dict[tuple[Any, ...], Any] = {}
         self._microbatch_losses: list[Tensor] = []
         self._pending: list[tuple[nn.Parameter, Tensor | None]] = []
-        self._tied: list[tuple[tuple[str, ...], Any]] = []
         self._loss_scale = 1.0
         pp_group = strategy.pipeline_parallel_group
         self.last_rank = dist.get_global_rank(pp_group, strategy.pipeline_parallel_size - 1)
         self.pp_group = pp_group
 
-    def create_tied_groups(self) -> None:
-        """One process group per tied-weight set and (dp, tp) coordinate: the pp ranks owning a copy.
-
-        Only owners take part, so every participant holds a same-shaped local shard (the same tp rank).
-        ``new_group`` is collective: every rank creates every group, in the same order.
-        """
-        from lit_parallel.parallel.pipeline import stage_ids_for_rank
-
-        strategy, dims = self.strategy, self.strategy.dims
-        assert dims is not None
-        ranks_of = strategy.device_mesh.mesh  # (pp, dp, tp) -> global rank
-        owner = {stage: p for p in range(dims.pp)
-                 for stage in stage_ids_for_rank(p, dims.pp, strategy.pipeline_schedule,
-                                                 strategy.virtual_pipeline_stages)}
-        me = dims.coordinates(strategy.global_rank)
-        for names in self.plan.tied_parameters:
-            pp_ranks = sorted({owner[self.plan.stage_of(n)] for n in names})
-            mine = None
-            if len(pp_ranks) > 1:
-                for dp in range(dims.dp):
-                    for tp in range(dims.tp):
-                        group = dist.new_group([int(ranks_of[p, dp, tp]) for p in pp_ranks])
-                        if (dp, tp) == (me["dp"], me["tp"]):
-                            mine = group
-            if me["pp"] in pp_ranks:
-                self._tied.append((tuple(names), mine))
-
-    @torch.no_grad()
     def sync_tied_gradients(self, module: nn.Module) -> None:
-        """Give every copy of a tied weight the sum of all copies' gradients (as one shared tensor gets).
+        """Give every copy of a weight tied across stages the sum of all copies' gradients."""
+        from lit_parallel.parallel.pipeline import reduce_tied_gradients
 
-        Copies on different stages may be sharded differently by tensor parallelism (a vocab-parallel
-        head, a replicated embedding), so the sum is formed on full tensors and re-sharded per copy.
-        """
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        params = dict(module.model.named_parameters(remove_duplicate=False))
-        for names, group in self._tied:
-            copies = list({id(params[n]): params[n] for n in names if n in params}.values())
-            fulls = []
-            for param in copies:
-                grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                fulls.append(grad.full_tensor() if isinstance(grad, DTensor) else grad)
-            total = torch.stack(fulls).sum(0)
-            if group is not None:
-                dist.all_reduce(total, group=group)
-            for param in copies:
-                if isinstance(param, DTensor):
-                    param.grad = distribute_tensor(total, param.device_mesh, param.placements)
-                else:
-                    param.grad = total.clone()
+        if self.plan.tied_parameters:
+            reduce_tied_gradients(module.model, self.plan, group=self.pp_group)
 
     @torch.no_grad()
     def restore_gradients(self) -> None:

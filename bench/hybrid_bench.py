@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from _timing import StepTimer  # bench/ is the script directory
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_parallel import HybridParallelStrategy
@@ -30,17 +30,6 @@ WIDTH, DEPTH, BATCH, STEPS = 1024, 8, 256, 12
 OUT = Path(__file__).resolve().parent / "results"
 
 
-class _StepTimer(L.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, *args) -> None:
-        self.t0 = time.perf_counter()
-
-    def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self.t0)
-
-
 def _loader() -> DataLoader:
     data = TensorDataset(torch.randn(BATCH * STEPS, WIDTH), torch.randint(0, 10, (BATCH * STEPS,)))
     return DataLoader(data, batch_size=BATCH, shuffle=True)
@@ -50,7 +39,7 @@ def _step_time(pp: int, microbatches: int) -> float:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     module = ImageClassifier(net=mlp(in_features=WIDTH, hidden=WIDTH, depth=DEPTH), optimizer="sgd", lr=1e-3)
-    timer = _StepTimer()
+    timer = StepTimer()
     strategy = (HybridParallelStrategy(pipeline_parallel_size=pp, num_microbatches=microbatches,
                                        pipeline_schedule="1f1b") if pp > 1 else "auto")
     trainer = L.Trainer(accelerator="cpu", devices=pp, strategy=strategy, max_steps=STEPS, logger=False,

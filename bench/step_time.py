@@ -13,7 +13,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -22,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 def _worker(strategy: str, steps: int, out: str) -> None:
     import lightning as L
     import torch
+    from _timing import StepTimer  # bench/ is the script directory
 
     from lit_parallel import HybridParallelStrategy
     from lit_parallel.data import MNISTDataModule
@@ -29,18 +29,8 @@ def _worker(strategy: str, steps: int, out: str) -> None:
 
     torch.set_num_threads(1)
 
-    class Timer(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, *args) -> None:
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, *args) -> None:
-            self.times.append(time.perf_counter() - self.t0)
-
     L.seed_everything(0, verbose=False)
-    timer = Timer()
+    timer = StepTimer()
     strat = HybridParallelStrategy() if strategy == "hybrid" else "ddp"
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strat, max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

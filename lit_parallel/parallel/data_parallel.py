@@ -103,12 +103,3 @@ class GradientSynchronizer:
             for grad in grads:
                 grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
                 offset += grad.numel()
-
-    @torch.no_grad()
-    def broadcast_parameters(self, src_group_rank: int = 0) -> None:
-        """Make every replica hold the source replica's parameters (used after a load or init)."""
-        if self.world_size == 1:
-            return
-        src = dist.get_global_rank(self.group, src_group_rank) if self.group is not None else src_group_rank
-        for _, param in self.params:
-            dist.broadcast(local_tensor(param.data), src=src, group=self.group)

@@ -12,6 +12,7 @@ Tests and notebooks call :func:`train` with a composed config (see :func:`compos
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from lit_parallel.errors import ConfigurationError
 
@@ -113,8 +115,68 @@ def _build_strategy(cfg: DictConfig) -> Any:
     )
 
 
+def launch_id() -> str:
+    """A name for this run that every rank and every restart of the same job agrees on.
+
+    torchrun: ``--rdzv-id`` (``TORCHELASTIC_RUN_ID``), or, for its default ``none``, the agent's pid and
+    start time (workers are the agent's children, restarts included); SLURM: the job id (stable across
+    ``--requeue``); otherwise the local time, as Hydra does.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return f"torchrun-{run_id}"
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        agent = os.getppid()
+        started = ""
+        try:
+            started = "-" + Path(f"/proc/{agent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            pass
+        return f"torchrun-{socket.gethostname()}-{agent}{started}"
+    if os.environ.get("SLURM_JOB_ID"):
+        array = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{os.environ['SLURM_JOB_ID']}" + (f"_{array}" if array else "")
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+if not OmegaConf.has_resolver("lit_parallel.launch_id"):
+    OmegaConf.register_new_resolver("lit_parallel.launch_id", launch_id, use_cache=True)
+
+
+def resolve_ckpt_path(ckpt_path: Any, checkpoint_dir: Path) -> str | None:
+    """``"auto"``: the newest complete checkpoint under ``checkpoint_dir`` (``None`` on a fresh run)."""
+    if ckpt_path != "auto":
+        return ckpt_path
+    from lit_parallel.checkpointing import find_resume_checkpoint
+
+    found = find_resume_checkpoint(checkpoint_dir)
+    if found is not None:
+        print(f"lit-parallel: resuming from {found}", file=sys.stderr)
+    return None if found is None else str(found)
+
+
+def _periodic_checkpoint(cfg: DictConfig, output_dir: Path) -> list[Any]:
+    every = cfg.get("checkpoint_every_n_steps")
+    if not every:
+        return []
+    if not isinstance(every, int) or every < 1:
+        raise ConfigurationError(f"checkpoint_every_n_steps={every!r}; valid: a positive integer or null.")
+    keep = cfg.get("keep_checkpoints", 2)
+    if not isinstance(keep, int) or keep < 1:
+        raise ConfigurationError(f"keep_checkpoints={keep!r}; valid: a positive integer (2 survives a bad newest).")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return [ModelCheckpoint(
+        dirpath=str(output_dir / "checkpoints" / "steps"), filename="step{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=every, save_top_k=keep, monitor="step", mode="max", save_on_train_epoch_end=False,
+    )]
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything the config names, fit, test, and return the run summary.
+
+    With ``ckpt_path=auto`` (the default) a run whose output directory already holds checkpoints
+    resumes from the newest complete one; that is how a torchrun or SLURM restart continues.
 
     Raises:
         ConfigurationError: for any invalid setting, before a process group is created.
@@ -137,12 +199,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model)
     strategy = _build_strategy(cfg)
     summary = RunSummary(output_dir=str(output_dir))
-    callbacks = [*_instantiate_group(cfg.get("callbacks")), summary]
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), *_periodic_checkpoint(cfg, output_dir), summary]
     logger = CSVLogger(save_dir=str(output_dir), name="csv", version="")
     trainer: L.Trainer = instantiate(
         cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir)
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     extra: dict[str, Any] = {"recipe": cfg.get("recipe_name", "custom")}
     if cfg.get("run_test", True):
         trainer.test(model, datamodule=datamodule, verbose=False)
@@ -172,8 +235,17 @@ def _hydra_task(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+@record
 def main() -> None:
-    """Console entry point of ``lit-parallel``."""
+    """Console entry point of ``lit-parallel``.
+
+    Under torchrun, :func:`~torch.distributed.elastic.multiprocessing.errors.record` writes the failing
+    rank's traceback to the agent's error file, so the job summary shows it as the root cause.
+    """
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        # Let the exception reach @record (Hydra would print it and exit 1), so torchrun's summary names
+        # the failing rank and shows its traceback as the root cause.
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         _check_recipe_overrides(sys.argv[1:])
     except ConfigurationError as err:

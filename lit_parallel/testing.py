@@ -23,13 +23,14 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["DistributedRunError", "find_free_port", "run_distributed"]
+__all__ = ["DistributedRunError", "InjectFailure", "find_free_port", "run_distributed"]
 
 
 class DistributedRunError(RuntimeError):
@@ -206,3 +207,50 @@ def global_batch_order(num_samples: int, data_parallel_size: int, per_rank_batch
         for r in range(data_parallel_size)
         for i in shards[r][s * per_rank_batch : (s + 1) * per_rank_batch]
     ]
+
+
+class InjectFailure:
+    """Callback that makes one rank fail at one optimizer step (fault-tolerance tests and drills).
+
+    ``mode="sigkill"`` kills the process outright (no Python cleanup, like an OOM kill or a lost node);
+    ``mode="raise"`` raises :class:`RuntimeError`. ``where="batch_start"`` fails before the step's
+    forward; ``where="forward"`` fails inside the model's forward of that step (for a pipeline stage:
+    in the middle of the schedule, with peers waiting on it). Under torchrun the failure fires only in
+    attempt ``attempt`` (``TORCHELASTIC_RESTART_COUNT``), so the restarted job runs through::
+
+        lit-parallel ... +callbacks.fail._target_=lit_parallel.testing.InjectFailure \\
+            +callbacks.fail.step=12 +callbacks.fail.rank=1
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # Built lazily so that importing this module does not import Lightning.
+        from lightning.pytorch.callbacks import Callback
+
+        class _InjectFailure(Callback):
+            def __init__(self, step: int, rank: int = 1, mode: str = "sigkill", where: str = "batch_start",
+                         attempt: int = 0) -> None:
+                if mode not in ("sigkill", "raise"):
+                    raise ValueError(f"mode={mode!r}; valid: 'sigkill' or 'raise'.")
+                if where not in ("batch_start", "forward"):
+                    raise ValueError(f"where={where!r}; valid: 'batch_start' or 'forward'.")
+                self.step, self.rank, self.mode, self.where, self.attempt = step, rank, mode, where, attempt
+
+            def _fail(self, *_: Any) -> None:
+                print(f"lit_parallel.testing: injecting {self.mode} on rank {self.rank} at step {self.step} "
+                      f"(unix time {time.time():.3f})", file=sys.stderr, flush=True)
+                if self.mode == "sigkill":
+                    os.kill(os.getpid(), 9)
+                raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
+
+            def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+                restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+                if trainer.global_step != self.step or trainer.global_rank != self.rank or restart != self.attempt:
+                    return
+                if self.where == "batch_start":
+                    self._fail()
+                for module in pl_module.modules():
+                    if next(module.parameters(recurse=False), None) is not None:
+                        module.register_forward_pre_hook(self._fail)
+                        return
+
+        return _InjectFailure(*args, **kwargs)

@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every strategy run by the suite verifies after each optimizer step that its replicas are bitwise equal.
+os.environ.setdefault("LIT_PARALLEL_REPLICA_CHECK_EVERY_N_STEPS", "1")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,12 +4,14 @@ from lit_parallel.callbacks.comm_monitor import CommunicationMonitor
 from lit_parallel.callbacks.head_pruning import AttentionHeadPruning, load_pruned
 from lit_parallel.callbacks.magnitude_pruning import MagnitudePruning
 from lit_parallel.callbacks.pruning import export_pruned
+from lit_parallel.callbacks.resume import ExactResume
 from lit_parallel.callbacks.structured_pruning import StructuredPruning
 from lit_parallel.callbacks.summary import RunSummary
 
 __all__ = [
     "AttentionHeadPruning",
     "CommunicationMonitor",
+    "ExactResume",
     "MagnitudePruning",
     "StructuredPruning",
     "export_pruned",

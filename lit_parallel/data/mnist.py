@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lit_parallel.data.resumable import ResumableDataLoader, trainer_batch_position
 from lit_parallel.errors import ConfigurationError, MissingDataError
 
 __all__ = ["MNISTDataModule", "find_mnist_root", "read_idx"]
@@ -158,8 +159,9 @@ class MNISTDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(
+        return ResumableDataLoader(
             self._splits[split],
+            position=(lambda: trainer_batch_position(self.trainer)) if split == "train" else None,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,

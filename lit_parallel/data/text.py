@@ -30,6 +30,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lit_parallel.data.resumable import ResumableDataLoader, trainer_batch_position
 from lit_parallel.errors import ConfigurationError, MissingDataError
 from lit_parallel.models.loading import cache_dir, load_tokenizer
 
@@ -387,8 +388,9 @@ class _TextDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self._splits:
             self._splits = self._build()
-        return DataLoader(
+        return ResumableDataLoader(
             self._splits[split],
+            position=(lambda: trainer_batch_position(self.trainer)) if split == "train" else None,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,

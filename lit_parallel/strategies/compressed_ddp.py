@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lit_parallel.compression import COMPRESSORS, Compressor, NoCompression
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.strategies._launch import RestartSafeDDPMixin, check_replicas_now, replica_check_interval
 
 __all__ = ["CompressedDDPStrategy"]
 
@@ -29,7 +30,7 @@ CHECKPOINT_KEY = "compression"
 _HOOK_ARGUMENTS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
 
 
-class CompressedDDPStrategy(DDPStrategy):
+class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
     """:class:`~lightning.pytorch.strategies.DDPStrategy` with compressed gradient all-reduce.
 
     The compressor is registered as DDP's communication hook on every backend (Lightning's own DDP
@@ -50,6 +51,9 @@ class CompressedDDPStrategy(DDPStrategy):
         process_group_backend: as for :class:`DDPStrategy` (``None``: gloo on CPU, NCCL on CUDA).
         timeout: as for :class:`DDPStrategy`.
         start_method: as for :class:`DDPStrategy`.
+        replica_check_every_n_steps: every N optimizer steps, verify that all replicas hold bitwise-identical
+            parameters (one all-gather of 8 bytes per tensor); ``None`` reads ``LIT_PARALLEL_REPLICA_CHECK_EVERY_N_STEPS``
+            (unset: off).
         **kwargs: passed to :class:`~torch.nn.parallel.DistributedDataParallel`.
 
     Raises:
@@ -78,6 +82,7 @@ class CompressedDDPStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        replica_check_every_n_steps: int | None = None,
         **kwargs: Any,
     ) -> None:
         clashing = [name for name in _HOOK_ARGUMENTS if kwargs.get(name) is not None]
@@ -107,6 +112,7 @@ class CompressedDDPStrategy(DDPStrategy):
             **kwargs,
         )
         self.compressor: Compressor = compression if compression is not None else NoCompression()
+        self.replica_check_every_n_steps = replica_check_interval(type(self).__name__, replica_check_every_n_steps)
 
     @override
     def setup_environment(self) -> None:
@@ -128,6 +134,7 @@ class CompressedDDPStrategy(DDPStrategy):
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self.compressor.step()
+        check_replicas_now(self, self.replica_check_every_n_steps)
         return output
 
     @override

@@ -105,6 +105,7 @@ class DiLoCoStrategy(LocalSGDStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        replica_check_every_n_steps: int | None = None,
     ) -> None:
         check_outer(type(self).__name__, outer_lr, outer_momentum)
         if isinstance(compression, str):
@@ -126,6 +127,7 @@ class DiLoCoStrategy(LocalSGDStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
+            replica_check_every_n_steps=replica_check_every_n_steps,
         )
         self.outer_lr, self.outer_momentum, self.nesterov, self.overlap = outer_lr, outer_momentum, nesterov, overlap
         if compression is not None:

@@ -17,7 +17,6 @@ from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
-    _init_dist_connection,
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lit_parallel.strategies._launch import check_replicas_now, connect, replica_check_interval
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.data_parallel import GradientSynchronizer
 from lit_parallel.parallel.mesh import ParallelDims, build_mesh
@@ -83,6 +83,9 @@ class HybridParallelStrategy(ParallelStrategy):
         bucket_cap_mb: size of the gradient buckets of the data-parallel sync.
         process_group_backend: ``"gloo"``/``"nccl"``; ``None`` picks by device.
         timeout: timeout of collectives.
+        replica_check_every_n_steps: every N optimizer steps, verify that the data-parallel replicas of every
+            shard hold bitwise-identical parameters; ``None`` reads ``LIT_PARALLEL_REPLICA_CHECK_EVERY_N_STEPS``
+            (unset: off).
 
     Raises:
         ConfigurationError: for invalid sizes or names, before any process group is created.
@@ -111,8 +114,10 @@ class HybridParallelStrategy(ParallelStrategy):
         bucket_cap_mb: float = 25.0,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        replica_check_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
+        self.replica_check_every_n_steps = replica_check_interval(type(self).__name__, replica_check_every_n_steps)
         # Validate what can be validated without the world size or the model.
         ParallelDims.resolve(tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
                              world_size=tensor_parallel_size * pipeline_parallel_size
@@ -308,10 +313,7 @@ class HybridParallelStrategy(ParallelStrategy):
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
         )
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        if self.root_device.type != "cpu":
-            kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        connect(self.cluster_environment, self._process_group_backend, self._timeout, self.root_device)
         self._device_mesh = build_mesh(self.dims, self.root_device.type)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
@@ -460,7 +462,9 @@ class HybridParallelStrategy(ParallelStrategy):
             self.sync_gradients()
             return result
 
-        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        output = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        check_replicas_now(self, self.replica_check_every_n_steps, self.data_parallel_group)
+        return output
 
     def sync_gradients(self) -> None:
         """Sum tied parameters' gradients across the stages that share them, then average over dp."""

@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lit_parallel.compression import Compressor, get_compressor
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.strategies._launch import RestartSafeDDPMixin, replica_check_interval
 from lit_parallel.parallel.local_sgd import LocalSGDState, check_sync_every
 
 __all__ = ["LocalSGDStrategy"]
@@ -32,7 +33,7 @@ __all__ = ["LocalSGDStrategy"]
 CHECKPOINT_KEY = "local_sgd"
 
 
-class LocalSGDStrategy(DDPStrategy):
+class LocalSGDStrategy(RestartSafeDDPMixin, DDPStrategy):
     """Data parallelism without a per-step gradient all-reduce: replicas average parameters every H steps.
 
     The model is not wrapped in DDP. Rank 0's initial parameters are broadcast, then every rank runs
@@ -56,6 +57,8 @@ class LocalSGDStrategy(DDPStrategy):
         process_group_backend: as for :class:`DDPStrategy` (``None``: gloo on CPU, NCCL on CUDA).
         timeout: as for :class:`DDPStrategy`.
         start_method: as for :class:`DDPStrategy`.
+        replica_check_every_n_steps: verify bitwise-equal replicas after the averaging due at (or after) every
+            N steps; ``None`` reads ``LIT_PARALLEL_REPLICA_CHECK_EVERY_N_STEPS`` (unset: off).
 
     Raises:
         ConfigurationError: ``sync_every`` is not an integer >= 1.
@@ -81,8 +84,10 @@ class LocalSGDStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        replica_check_every_n_steps: int | None = None,
     ) -> None:
         check_sync_every(type(self).__name__, sync_every)
+        self.replica_check_every_n_steps = replica_check_interval(type(self).__name__, replica_check_every_n_steps)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -98,6 +103,7 @@ class LocalSGDStrategy(DDPStrategy):
         self._sync_group: ProcessGroup | None = None
         self._compressor: Compressor = get_compressor("none")
         self._restored: dict[str, Any] | None = None
+        self._syncs = 0  # averagings since setup, for the replica check
 
     @property
     def compressor(self) -> Compressor:
@@ -123,7 +129,13 @@ class LocalSGDStrategy(DDPStrategy):
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         assert self._state is not None
-        self._state.step(self._parameters(), self._sync_group)
+        if self._state.step(self._parameters(), self._sync_group) and self.replica_check_every_n_steps:
+            # Replicas are equal right after an averaging only; check at the first one due.
+            from lit_parallel.parallel.consistency import check_replicas
+
+            self._syncs += 1
+            if self._syncs % max(1, self.replica_check_every_n_steps // self.sync_every) == 0:
+                check_replicas(self.lightning_module.named_parameters(), step=self._state.steps)
         return output
 
     @override

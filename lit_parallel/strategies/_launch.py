@@ -1,0 +1,73 @@
+"""Lightning glue for :func:`lit_parallel.parallel.process_group.init_process_group`."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import ClusterEnvironment
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_parallel.parallel.process_group import init_process_group
+
+__all__ = ["connect", "RestartSafeDDPMixin"]
+
+
+def connect(cluster_environment: ClusterEnvironment, backend: str, timeout: timedelta, device: torch.device) -> None:
+    """Create the default process group as Lightning does, but safe across torchrun restarts."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ["MASTER_ADDR"] = cluster_environment.main_address
+    os.environ["MASTER_PORT"] = str(cluster_environment.main_port)
+    world_size = cluster_environment.world_size()
+    init_process_group(backend, cluster_environment.global_rank(), world_size, timeout, device_id=device)
+    rank_zero_info(f"distributed_backend={backend}: {world_size} processes joined")
+
+
+class RestartSafeDDPMixin:
+    """For :class:`~lightning.pytorch.strategies.DDPStrategy` subclasses: join through :func:`connect`."""
+
+    def setup_distributed(self: Any) -> None:
+        self.set_world_ranks()
+        connect(self.cluster_environment, self._get_process_group_backend(), self._timeout, self.root_device)
+        super().setup_distributed()  # type: ignore[misc]  (finds the group initialized and keeps it)
+
+
+# Environment default of ``replica_check_every_n_steps`` (the test suite sets it to 1).
+REPLICA_CHECK_ENV = "LIT_PARALLEL_REPLICA_CHECK_EVERY_N_STEPS"
+
+
+def replica_check_interval(owner: str, value: int | None) -> int | None:
+    """Validate ``replica_check_every_n_steps``; ``None`` falls back to :data:`REPLICA_CHECK_ENV`."""
+    from lit_parallel.errors import ConfigurationError
+
+    source = "replica_check_every_n_steps"
+    if value is None and os.environ.get(REPLICA_CHECK_ENV):
+        value, source = os.environ[REPLICA_CHECK_ENV], REPLICA_CHECK_ENV  # type: ignore[assignment]
+        try:
+            value = int(value)  # type: ignore[arg-type]
+        except ValueError:
+            raise ConfigurationError(f"{REPLICA_CHECK_ENV}={value!r}; valid: a positive integer.") from None
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{owner}({source}={value!r}); valid: a positive integer, or None/0 for off.")
+    return value
+
+
+def check_replicas_now(strategy: Any, every: int | None, group: Any = None) -> None:
+    """Run the replica divergence guard if this optimizer step is one of every ``every``."""
+    if every is None:
+        return
+    module = strategy.lightning_module
+    trainer = getattr(module, "_trainer", None)
+    step = (trainer.global_step if trainer is not None else 0) + 1  # the step that just finished
+    if step % every:
+        return
+    from lit_parallel.parallel.consistency import check_replicas
+
+    check_replicas(module.named_parameters(), group=group, step=step)

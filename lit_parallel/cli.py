@@ -144,10 +144,21 @@ if not OmegaConf.has_resolver("lit_parallel.launch_id"):
 
 
 def resolve_ckpt_path(ckpt_path: Any, checkpoint_dir: Path) -> str | None:
-    """``"auto"``: the newest complete checkpoint under ``checkpoint_dir`` (``None`` on a fresh run)."""
+    """``"auto"``: the newest complete checkpoint below ``checkpoint_dir`` (``None`` on a fresh run).
+
+    Any other path is verified first (:func:`~lit_parallel.checkpointing.checkpoint_problem`).
+    """
+    from lit_parallel.checkpointing import checkpoint_problem, find_resume_checkpoint
+
+    if ckpt_path in (None, "auto") or str(ckpt_path) in ("last", "hpc", "best"):
+        pass
+    else:
+        problem = checkpoint_problem(ckpt_path)
+        if problem is not None:
+            raise ConfigurationError(f"ckpt_path={ckpt_path!r} cannot be resumed: {problem}. Valid: a complete "
+                                     "checkpoint, 'auto' (the newest complete one under the output directory) or null.")
     if ckpt_path != "auto":
         return ckpt_path
-    from lit_parallel.checkpointing import find_resume_checkpoint
 
     found = find_resume_checkpoint(checkpoint_dir)
     if found is not None:
@@ -204,7 +215,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir)
     )
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     extra: dict[str, Any] = {"recipe": cfg.get("recipe_name", "custom")}
     if cfg.get("run_test", True):

@@ -35,6 +35,12 @@ class GradientSynchronizer:
         group: the data-parallel process group (``None`` = default group).
         compressor: optional gradient compressor with ``reduce_(key, tensors, group)``.
         bucket_cap_mb: maximum bucket size; larger buckets mean fewer, bigger collectives.
+        overlap: launch each bucket's all-reduce from a gradient hook as soon as backward has produced
+            every gradient in it, so communication runs while backward continues (as DDP does). Buckets
+            are then filled in reverse parameter order (roughly the order backward produces gradients),
+            the first one capped at 1 MiB so that communication starts early. Needs an exact reduction
+            (no compressor, or one that is not compressing and offers ``all_reduce_async_``); with a
+            compressing compressor the synchronization stays after backward.
 
     Example::
 
@@ -50,22 +56,38 @@ class GradientSynchronizer:
         group: ProcessGroup | None = None,
         compressor: Any | None = None,
         bucket_cap_mb: float = 25.0,
+        overlap: bool = False,
     ) -> None:
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb} must be > 0.")
         self.group = group
         self.compressor = compressor
         self.params = [(n, p) for n, p in named_parameters if p.requires_grad]
-        self.buckets = self._make_buckets(int(bucket_cap_mb * 2**20))
+        exact = compressor is None or (not getattr(compressor, "compressing", True)
+                                       and hasattr(compressor, "all_reduce_async_"))
+        self.overlap = bool(overlap and exact)
+        cap = int(bucket_cap_mb * 2**20)
+        self.buckets = self._make_buckets(cap, first_cap=min(cap, 2**20)) if self.overlap else self._make_buckets(cap)
+        # Overlap bookkeeping: gradients ready per bucket in this backward, and the launched all-reduces.
+        self.enabled = True
+        self._ready = [0] * len(self.buckets)
+        self._pending: dict[int, tuple[Any, torch.Tensor, list[torch.Tensor]]] = {}
+        self._hooks: list[Any] = []
+        if self.overlap and dist.is_initialized() and self.world_size > 1:
+            for index, bucket in enumerate(self.buckets):
+                for _, param in bucket:
+                    self._hooks.append(param.register_post_accumulate_grad_hook(self._hook(index)))
 
-    def _make_buckets(self, cap_bytes: int) -> list[list[tuple[str, nn.Parameter]]]:
+    def _make_buckets(self, cap_bytes: int, first_cap: int | None = None) -> list[list[tuple[str, nn.Parameter]]]:
         buckets: list[list[tuple[str, nn.Parameter]]] = []
         current: list[tuple[str, nn.Parameter]] = []
         size, dtype = 0, None
-        for name, param in self.params:
+        params = list(reversed(self.params)) if first_cap is not None else self.params
+        for name, param in params:
             local = local_tensor(param.data)
             nbytes = local.numel() * local.element_size()
-            if current and (size + nbytes > cap_bytes or local.dtype != dtype):
+            limit = first_cap if first_cap is not None and not buckets else cap_bytes
+            if current and (size + nbytes > limit or local.dtype != dtype):
                 buckets.append(current)
                 current, size = [], 0
             current.append((name, param))
@@ -86,10 +108,60 @@ class GradientSynchronizer:
             grads.append(local_tensor(param.grad))
         return grads
 
+    def _hook(self, index: int) -> Any:
+        def on_grad_ready(_: torch.Tensor) -> None:
+            if not self.enabled:
+                return
+            self._ready[index] += 1
+            if self._ready[index] == len(self.buckets[index]):
+                self._launch(index)
+
+        return on_grad_ready
+
+    @torch.no_grad()
+    def _launch(self, index: int) -> None:
+        grads = self._local_grads(self.buckets[index])
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.compressor is not None:
+            work: Any = self.compressor.all_reduce_async_(flat, self.group)  # divides, counts bytes
+        else:
+            flat.div_(self.world_size)
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self._pending[index] = (work, flat, grads)
+
+    @torch.no_grad()
+    def _finish_overlapped(self) -> None:
+        for index in range(len(self.buckets)):
+            if index not in self._pending:  # a parameter without gradient this step: send zeros now
+                self._launch(index)
+        for index in range(len(self.buckets)):
+            work, flat, grads = self._pending.pop(index)
+            work.wait()
+            offset = 0
+            for grad in grads:
+                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+        self._ready = [0] * len(self.buckets)
+
+    def discard(self) -> None:
+        """Forget a backward's overlapped all-reduces (e.g. gradient accumulation steps)."""
+        for work, _, _ in self._pending.values():
+            work.wait()
+        self._pending.clear()
+        self._ready = [0] * len(self.buckets)
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
     @torch.no_grad()
     def sync(self) -> None:
         """Average every gradient over the group (in place)."""
         if self.world_size == 1:
+            return
+        if self._hooks:
+            self._finish_overlapped()
             return
         for index, bucket in enumerate(self.buckets):
             grads = self._local_grads(bucket)

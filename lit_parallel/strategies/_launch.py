@@ -28,8 +28,33 @@ def connect(cluster_environment: ClusterEnvironment, backend: str, timeout: time
     rank_zero_info(f"distributed_backend={backend}: {world_size} processes joined")
 
 
+# Seconds a rank of a multi-process run may take to exit after an exception before it is forced out.
+EXIT_GRACE_S = 30
+
+
+def exit_watchdog(world_size: int) -> None:
+    """After an exception in a multi-process run: make sure this process really exits.
+
+    Lightning re-raises the exception and the process should end within a second; but a rank that
+    stays alive (a non-daemon thread, a process-group destructor waiting on a peer) would keep its
+    sockets open, so peers blocked in a collective never see it die and wait for the collective timeout.
+    ``faulthandler``'s C-level timer dumps every thread's stack and calls ``_exit(1)`` after
+    :data:`EXIT_GRACE_S` seconds, even during interpreter shutdown. Single-process runs are left alone.
+    """
+    import faulthandler
+    import sys
+
+    if world_size > 1:
+        faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True, file=sys.stderr)
+
+
 class RestartSafeDDPMixin:
-    """For :class:`~lightning.pytorch.strategies.DDPStrategy` subclasses: join through :func:`connect`."""
+    """For :class:`~lightning.pytorch.strategies.DDPStrategy` subclasses: join through :func:`connect`,
+    and never linger after an exception (:func:`exit_watchdog`)."""
+
+    def on_exception(self: Any, exception: BaseException) -> None:
+        exit_watchdog(self.world_size)
+        super().on_exception(exception)  # type: ignore[misc]
 
     def setup_distributed(self: Any) -> None:
         self.set_world_ranks()

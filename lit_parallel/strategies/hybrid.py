@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import weakref
-from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from collections.abc import Callable, Generator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lit_parallel.strategies._launch import check_replicas_now, connect, replica_check_interval
+from lit_parallel.strategies._launch import check_replicas_now, connect, exit_watchdog, replica_check_interval
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.data_parallel import GradientSynchronizer
 from lit_parallel.parallel.mesh import ParallelDims, build_mesh
@@ -81,6 +82,9 @@ class HybridParallelStrategy(ParallelStrategy):
             ``configure_model`` with ``self.device_mesh["tp"]``.
         gradient_compression: a compressor of :mod:`lit_parallel.compression` for the dp-axis sync.
         bucket_cap_mb: size of the gradient buckets of the data-parallel sync.
+        overlap_grad_sync: start each bucket's data-parallel all-reduce from a gradient hook while backward
+            is still running (as DDP does). Used when the reduction is exact (no compression) and pp == 1;
+            the result is the same either way.
         process_group_backend: ``"gloo"``/``"nccl"``; ``None`` picks by device.
         timeout: timeout of collectives.
         replica_check_every_n_steps: every N optimizer steps, verify that the data-parallel replicas of every
@@ -112,6 +116,7 @@ class HybridParallelStrategy(ParallelStrategy):
         auto_tensor_parallel: bool = True,
         gradient_compression: Any | None = None,
         bucket_cap_mb: float = 25.0,
+        overlap_grad_sync: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         replica_check_every_n_steps: int | None = None,
@@ -164,6 +169,7 @@ class HybridParallelStrategy(ParallelStrategy):
 
             self._sync_compressor = get_compressor("none")
         self.bucket_cap_mb = bucket_cap_mb
+        self.overlap_grad_sync = overlap_grad_sync
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self.num_nodes = 1
@@ -393,9 +399,11 @@ class HybridParallelStrategy(ParallelStrategy):
         module.model = net
         self.model = self.precision_plugin.convert_module(module)
         self.model_to_device()
+        if self._grad_sync is not None:
+            self._grad_sync.remove_hooks()
         self._grad_sync = GradientSynchronizer(
             module.named_parameters(), group=self.data_parallel_group, compressor=self.compressor,
-            bucket_cap_mb=self.bucket_cap_mb,
+            bucket_cap_mb=self.bucket_cap_mb, overlap=self.overlap_grad_sync and self.dims.pp == 1,
         )
         self._parallelized = weakref.ref(module)
         self._finish_setup(trainer)
@@ -466,6 +474,19 @@ class HybridParallelStrategy(ParallelStrategy):
         check_replicas_now(self, self.replica_check_every_n_steps, self.data_parallel_group)
         return output
 
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Gradient accumulation: no overlapped all-reduce until the step's last backward."""
+        sync = self._grad_sync
+        if sync is None:
+            yield
+            return
+        sync.enabled = False
+        try:
+            yield
+        finally:
+            sync.enabled = True
+
     def sync_gradients(self) -> None:
         """Sum tied parameters' gradients across the stages that share them, then average over dp."""
         if self._pipeline is not None:
@@ -499,6 +520,11 @@ class HybridParallelStrategy(ParallelStrategy):
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        exit_watchdog(self.world_size)
+        super().on_exception(exception)
 
     @override
     def teardown(self) -> None:

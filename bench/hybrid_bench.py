@@ -5,9 +5,11 @@ Run:  .venv/bin/python bench/hybrid_bench.py
 bench/results/hybrid.json. Nothing is asserted: these are measurements, not tests.
 
 Bubble: an 8-layer MLP (width 1024, batch 256) is timed on one process (1 thread) and as 2 pipeline
-stages on 2 ranks (1 thread each) with 1F1B for m microbatches. With perfect overlap the pipelined step
-takes T1/p; the measured bubble is 1 - (T1/p) / T_pp(m) (it also contains the p2p transfers), compared
-with the schedule's ideal (p-1)/(m+p-1).
+stages on 2 ranks (1 thread each) with 1F1B for m microbatches. The reference T1(m) is the single
+process running the same m microbatches of size 256/m one after the other (gradient accumulation), so
+that it pays the same small-matmul and per-microbatch costs. With perfect overlap the pipelined step
+takes T1(m)/p; the measured bubble is 1 - (T1(m)/p) / T_pp(m) (it also contains the p2p transfers),
+compared with the schedule's ideal (p-1)/(m+p-1).
 """
 
 from __future__ import annotations
@@ -30,23 +32,26 @@ WIDTH, DEPTH, BATCH, STEPS = 1024, 8, 256, 12
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def _loader() -> DataLoader:
+def _loader(batch: int = BATCH) -> DataLoader:
     data = TensorDataset(torch.randn(BATCH * STEPS, WIDTH), torch.randint(0, 10, (BATCH * STEPS,)))
-    return DataLoader(data, batch_size=BATCH, shuffle=True)
+    return DataLoader(data, batch_size=batch, shuffle=True)
 
 
 def _step_time(pp: int, microbatches: int) -> float:
+    """Median optimizer-step time; pp=1 runs the microbatches sequentially (gradient accumulation)."""
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     module = ImageClassifier(net=mlp(in_features=WIDTH, hidden=WIDTH, depth=DEPTH), optimizer="sgd", lr=1e-3)
     timer = StepTimer()
     strategy = (HybridParallelStrategy(pipeline_parallel_size=pp, num_microbatches=microbatches,
                                        pipeline_schedule="1f1b") if pp > 1 else "auto")
+    accumulate = microbatches if pp == 1 else 1
     trainer = L.Trainer(accelerator="cpu", devices=pp, strategy=strategy, max_steps=STEPS, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[timer])
-    trainer.fit(module, _loader())
-    return statistics.median(timer.times[2:])
+                        callbacks=[timer], accumulate_grad_batches=accumulate)
+    trainer.fit(module, _loader(BATCH // accumulate))
+    steps = [sum(timer.times[i : i + accumulate]) for i in range(0, len(timer.times) - accumulate + 1, accumulate)]
+    return statistics.median(steps[2:])
 
 
 def _param_bytes(tp: int, pp: int) -> tuple[int, int]:
@@ -80,13 +85,17 @@ def main() -> None:
     t1 = _step_time(1, 1)
     rows = []
     for m in (2, 4, 8, 16):  # 1F1B needs m >= p
+        t1m = _step_time(1, m)
         tpp = run_distributed(_step_time, world_size=2, args=(2, m), init_process_group=False, timeout=600)[0]
-        measured = 1 - (t1 / 2) / tpp
-        rows.append({"microbatches": m, "step_s": tpp, "bubble_measured": measured, "bubble_ideal": 1 / (m + 1)})
-    print(f"single process step: {t1 * 1e3:.1f} ms\n")
-    print("| m | pp=2 step (ms) | measured bubble | ideal (p-1)/(m+p-1) |\n|---|---|---|---|")
+        measured = 1 - (t1m / 2) / tpp
+        rows.append({"microbatches": m, "single_step_s": t1m, "step_s": tpp, "bubble_measured": measured,
+                     "bubble_ideal": 1 / (m + 1)})
+    print(f"single process step, whole batch: {t1 * 1e3:.1f} ms\n")
+    print("| m | T1(m) single process (ms) | pp=2 step (ms) | measured bubble | ideal (p-1)/(m+p-1) |\n"
+          "|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['microbatches']} | {r['step_s'] * 1e3:.1f} | {r['bubble_measured']:.2f} | {r['bubble_ideal']:.2f} |")
+        print(f"| {r['microbatches']} | {r['single_step_s'] * 1e3:.1f} | {r['step_s'] * 1e3:.1f} | "
+              f"{r['bubble_measured']:.2f} | {r['bubble_ideal']:.2f} |")
     sizes = []
     for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
         per_rank = run_distributed(_param_bytes, world_size=tp * pp, args=(tp, pp), init_process_group=False,

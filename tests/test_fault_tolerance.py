@@ -36,9 +36,17 @@ _KILL = ["+callbacks.fail._target_=lit_parallel.testing.InjectFailure", "+callba
          "+callbacks.fail.rank=1"]
 
 
+# Set in this process by earlier in-process Lightning runs; a child that inherits LOCAL_RANK believes
+# it was launched externally and waits for peers that never come.
+_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+                "LOCAL_WORLD_SIZE")
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("TORCHELASTIC_RESTART_COUNT", None)
+    for name in list(env):
+        if name in _LAUNCH_VARS or name.startswith("TORCHELASTIC_"):
+            del env[name]
     return env
 
 
@@ -68,6 +76,7 @@ def _assert_same_final_params(reference: Path, resumed: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three torchrun jobs of 2-4 ranks
 @pytest.mark.parametrize(
     ("nproc", "strategy"),
     [
@@ -98,7 +107,7 @@ def test_exception_on_one_rank_stops_every_rank_quickly(tmp_path):
     command = [str(BIN / "lit-parallel"), *_RUN, "trainer.devices=2", "trainer.max_steps=200",
                f"hydra.run.dir={tmp_path}", "+callbacks.fail._target_=lit_parallel.testing.InjectFailure",
                "+callbacks.fail.step=3", "+callbacks.fail.rank=1", "+callbacks.fail.mode=raise"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env())
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=_env())
     finished = time.time()
     out = done.stdout + done.stderr
     assert done.returncode != 0

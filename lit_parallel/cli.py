@@ -150,9 +150,8 @@ def resolve_ckpt_path(ckpt_path: Any, checkpoint_dir: Path) -> str | None:
     """
     from lit_parallel.checkpointing import checkpoint_problem, find_resume_checkpoint
 
-    if ckpt_path in (None, "auto") or str(ckpt_path) in ("last", "hpc", "best"):
-        pass
-    else:
+    # Lightning's own keywords ("last", "hpc", "best") are resolved by the Trainer.
+    if ckpt_path not in (None, "auto", "last", "hpc", "best"):
         problem = checkpoint_problem(ckpt_path)
         if problem is not None:
             raise ConfigurationError(f"ckpt_path={ckpt_path!r} cannot be resumed: {problem}. Valid: a complete "

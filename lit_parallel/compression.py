@@ -27,7 +27,7 @@ from lit_parallel.parallel.compression import (
 )
 
 __all__ = ["BF16", "COMPRESSORS", "FP16", "CommStats", "Compressor", "Int8", "NoCompression", "OneBit",
-           "PowerSGD", "TopK", "get_compressor"]
+           "PowerSGD", "TopK", "get_compressor", "resolve_compressor"]
 
 COMPRESSORS: dict[str, type[Compressor]] = {
     cls.name: cls for cls in (NoCompression, FP16, BF16, Int8, TopK, PowerSGD, OneBit)
@@ -43,3 +43,19 @@ def get_compressor(name: str, **kwargs: Any) -> Compressor:
     if name not in COMPRESSORS:
         raise ConfigurationError(f"compression={name!r} is unknown; valid: {sorted(COMPRESSORS)}.")
     return COMPRESSORS[name](**kwargs)
+
+
+def resolve_compressor(compression: Compressor | str | None) -> Compressor | None:
+    """A strategy's ``compression=`` argument: ``None``, a registered name, or a compressor instance.
+
+    Raises:
+        ConfigurationError: an unknown name, or an object that is not a :class:`Compressor`.
+    """
+    if isinstance(compression, str):
+        return get_compressor(compression)
+    if compression is not None and not isinstance(compression, Compressor):
+        raise ConfigurationError(
+            f"compression={compression!r} is not a compressor; valid: None, a name in {sorted(COMPRESSORS)} "
+            "or an instance from lit_parallel.compression."
+        )
+    return compression

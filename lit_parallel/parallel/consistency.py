@@ -31,18 +31,23 @@ def _local(tensor: Tensor) -> Tensor:
     return local() if local is not None else tensor
 
 
-def fingerprint(tensor: Tensor) -> int:
-    """An exact integer fingerprint of a tensor's bytes (equal bytes → equal fingerprint)."""
+def _fingerprint_tensor(tensor: Tensor) -> Tensor:
+    """:func:`fingerprint` as a 0-dim int64 tensor on the tensor's device (no host synchronization)."""
     data = _local(tensor).detach().contiguous().reshape(-1)
     if data.numel() == 0:
-        return 0
+        return torch.zeros((), dtype=torch.int64, device=data.device)
     if data.dtype == torch.bool:
         data = data.to(torch.uint8)
     width = data.element_size()
     as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]
     bits = data.view(as_int).to(torch.int64)
     weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % _WEIGHT_PERIOD + 1
-    return int((bits * weights).sum().item()) ^ (bits.numel() << 1)
+    return (bits * weights).sum() ^ (bits.numel() << 1)
+
+
+def fingerprint(tensor: Tensor) -> int:
+    """An exact integer fingerprint of a tensor's bytes (equal bytes → equal fingerprint)."""
+    return int(_fingerprint_tensor(tensor).item())
 
 
 def check_replicas(named_tensors: Iterable[tuple[str, Tensor]], group: dist.ProcessGroup | None = None,
@@ -51,17 +56,15 @@ def check_replicas(named_tensors: Iterable[tuple[str, Tensor]], group: dist.Proc
 
     Every rank of ``group`` must call this with the same names in the same order.
     """
-    names, prints = [], []
-    device = None
-    for name, tensor in named_tensors:
-        names.append(name)
-        prints.append(fingerprint(tensor))
-        device = device or _local(tensor).device
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) < 2:
         return
-    if device is None or dist.get_backend(group) == "gloo":
-        device = torch.device("cpu")
-    mine = torch.tensor(prints, dtype=torch.int64, device=device)
+    names, prints = [], []
+    for name, tensor in named_tensors:
+        names.append(name)
+        prints.append(_fingerprint_tensor(tensor))
+    # One stacked tensor and one collective; gloo needs it on the CPU.
+    device = torch.device("cpu") if not prints or dist.get_backend(group) == "gloo" else prints[0].device
+    mine = torch.stack(prints).to(device) if prints else torch.zeros(0, dtype=torch.int64)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).cpu()
@@ -70,7 +73,7 @@ def check_replicas(named_tensors: Iterable[tuple[str, Tensor]], group: dist.Proc
         return
     index = int(differs.nonzero()[0])
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    values = {rank: int(v) for rank, v in zip(ranks, table[:, index].tolist())}
+    values = {rank: int(v) for rank, v in zip(ranks, table[:, index].tolist(), strict=True)}
     groups: dict[int, list[int]] = {}
     for rank, value in values.items():
         groups.setdefault(value, []).append(rank)

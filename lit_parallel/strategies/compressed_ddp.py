@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lit_parallel.compression import COMPRESSORS, Compressor, NoCompression
+from lit_parallel.compression import COMPRESSORS, Compressor, NoCompression, resolve_compressor
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.strategies._launch import RestartSafeDDPMixin, check_replicas_now, replica_check_interval
 
@@ -91,15 +91,7 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
                 f"CompressedDDPStrategy got {clashing}; its compressor is the DDP comm hook. Valid: "
                 f"compression=<one of {sorted(COMPRESSORS)}>, or DDPStrategy for a custom hook."
             )
-        if isinstance(compression, str):
-            if compression not in COMPRESSORS:
-                raise ConfigurationError(f"compression={compression!r} is unknown; valid: {sorted(COMPRESSORS)}.")
-            compression = COMPRESSORS[compression]()
-        elif compression is not None and not isinstance(compression, Compressor):
-            raise ConfigurationError(
-                f"compression={compression!r} is not a compressor; valid: None, a name in {sorted(COMPRESSORS)} "
-                "or an instance from lit_parallel.compression."
-            )
+        compression = resolve_compressor(compression)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,

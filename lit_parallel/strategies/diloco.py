@@ -15,7 +15,7 @@ from lightning.pytorch.strategies.strategy import _StrategyRegistry
 from torch.distributed import ProcessGroup
 from typing_extensions import override
 
-from lit_parallel.compression import COMPRESSORS, Compressor, NoCompression
+from lit_parallel.compression import Compressor, NoCompression, resolve_compressor
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.local_sgd import DiLoCoState, LocalSGDState, check_outer
 from lit_parallel.strategies.local_sgd import LocalSGDStrategy
@@ -108,15 +108,7 @@ class DiLoCoStrategy(LocalSGDStrategy):
         replica_check_every_n_steps: int | None = None,
     ) -> None:
         check_outer(type(self).__name__, outer_lr, outer_momentum)
-        if isinstance(compression, str):
-            if compression not in COMPRESSORS:
-                raise ConfigurationError(f"compression={compression!r} is unknown; valid: {sorted(COMPRESSORS)}.")
-            compression = COMPRESSORS[compression]()
-        elif compression is not None and not isinstance(compression, Compressor):
-            raise ConfigurationError(
-                f"compression={compression!r} is not a compressor; valid: None, a name in {sorted(COMPRESSORS)} "
-                "or an instance from lit_parallel.compression."
-            )
+        compression = resolve_compressor(compression)
         super().__init__(
             sync_every=sync_every,
             accelerator=accelerator,

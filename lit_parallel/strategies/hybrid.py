@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import weakref
-from contextlib import contextmanager
 from collections.abc import Callable, Generator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,10 +34,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lit_parallel.strategies._launch import check_replicas_now, connect, exit_watchdog, replica_check_interval
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.data_parallel import GradientSynchronizer
 from lit_parallel.parallel.mesh import ParallelDims, build_mesh
+from lit_parallel.strategies._launch import check_replicas_now, connect, exit_watchdog, replica_check_interval
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -24,8 +24,8 @@ from typing_extensions import override
 
 from lit_parallel.compression import Compressor, get_compressor
 from lit_parallel.errors import ConfigurationError
-from lit_parallel.strategies._launch import RestartSafeDDPMixin, replica_check_interval
 from lit_parallel.parallel.local_sgd import LocalSGDState, check_sync_every
+from lit_parallel.strategies._launch import RestartSafeDDPMixin, replica_check_interval
 
 __all__ = ["LocalSGDStrategy"]
 

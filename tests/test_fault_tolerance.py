@@ -252,3 +252,17 @@ def test_replica_check_interval_is_validated_before_any_process_group():
     with pytest.raises(ConfigurationError, match="replica_check_every_n_steps='x'"):
         CompressedDDPStrategy(replica_check_every_n_steps="x")
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["checkpoint_every_n_steps=-1"], "checkpoint_every_n_steps=-1; valid: a positive integer or null"),
+    (["checkpoint_every_n_steps=5", "keep_checkpoints=0"], "keep_checkpoints=0; valid: a positive integer"),
+])
+def test_bad_checkpoint_settings_are_refused_before_any_process_group(compose_cfg, overrides, message):
+    from lit_parallel.cli import train
+    from lit_parallel.errors import ConfigurationError
+
+    run = [o for o in _RUN if not o.startswith("checkpoint_every_n_steps")]
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        train(compose_cfg(*run, "trainer.devices=1", *overrides))
+    assert not dist.is_initialized()

@@ -73,7 +73,12 @@ def _dcp_problem(folder: Path) -> str | None:
         size = shard.stat().st_size
         if size < end:
             return f"shard {name} is truncated ({size} bytes, the metadata needs {end})"
-    return _zip_problem(folder / _LIGHTNING_META)
+    # meta.pt and any other torch.save file of the folder (e.g. the hybrid strategy's dp-sync state).
+    for archive in [folder / _LIGHTNING_META, *sorted(p for p in folder.glob("*.pt") if p.name != _LIGHTNING_META)]:
+        problem = _zip_problem(archive)
+        if problem is not None:
+            return problem
+    return None
 
 
 def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from torch.distributed import ProcessGroup
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.compression.base import Compressor, NoCompression, copy_back, flatten
 
-__all__ = ["DiLoCoState", "LocalSGDState", "check_sync_every"]
+__all__ = ["DiLoCo", "DiLoCoState", "LocalSGD", "LocalSGDState", "check_sync_every"]
 
 # Compressor key of the exchanged tensors (error-feedback memory is kept per key).
 PARAMS_KEY = "local_sgd:params"
@@ -296,3 +297,54 @@ def check_outer(owner: str, outer_lr: Any, outer_momentum: Any) -> None:
         raise ConfigurationError(
             f"{owner}(outer_momentum={outer_momentum!r}): outer_momentum must be in [0, 1) (DiLoCo: 0.9)."
         )
+
+
+@dataclass(frozen=True)
+class LocalSGD:
+    """Local SGD as a data-parallel synchronization: ``HybridParallelStrategy(data_parallel_sync=LocalSGD(16))``.
+
+    A validated description; :meth:`build` makes the :class:`LocalSGDState` for one rank's parameters.
+
+    Raises:
+        ConfigurationError: ``sync_every`` is not an integer >= 1.
+    """
+
+    sync_every: int = 16
+
+    def __post_init__(self) -> None:
+        check_sync_every(type(self).__name__, self.sync_every)
+
+    @property
+    def overlap(self) -> bool:
+        """Local SGD always waits for its averaging."""
+        return False
+
+    def build(self, params: Sequence[Tensor], compressor: Compressor | None = None) -> LocalSGDState:
+        """The algorithm state for ``params`` (this rank's parameters, or its local shards of them)."""
+        return LocalSGDState(self.sync_every, compressor)
+
+
+@dataclass(frozen=True)
+class DiLoCo:
+    """DiLoCo as a data-parallel synchronization: ``HybridParallelStrategy(data_parallel_sync=DiLoCo(...))``.
+
+    The arguments are those of :class:`DiLoCoState`; :meth:`build` makes the state for one rank's
+    parameters.
+
+    Raises:
+        ConfigurationError: ``sync_every < 1``, ``outer_lr <= 0``, ``outer_momentum`` outside ``[0, 1)``.
+    """
+
+    sync_every: int = 64
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    overlap: bool = False
+
+    def __post_init__(self) -> None:
+        check_sync_every(type(self).__name__, self.sync_every)
+        check_outer(type(self).__name__, self.outer_lr, self.outer_momentum)
+
+    def build(self, params: Sequence[Tensor], compressor: Compressor | None = None) -> DiLoCoState:
+        """The algorithm state for ``params`` (this rank's parameters, or its local shards of them)."""
+        return DiLoCoState(params, compressor=compressor, **asdict(self))

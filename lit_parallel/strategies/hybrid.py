@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.data_parallel import GradientSynchronizer
+from lit_parallel.parallel.local_sgd import DiLoCo, DiLoCoState, LocalSGD, LocalSGDState
 from lit_parallel.parallel.mesh import ParallelDims, build_mesh
 from lit_parallel.strategies._launch import check_replicas_now, connect, exit_watchdog, replica_check_interval
 
@@ -47,6 +48,9 @@ __all__ = ["HybridParallelStrategy"]
 
 _META_FILE = "meta.pt"
 _COMPRESSION_KEY = "gradient_compression"
+_REPLICA_KEY = "replica_dp{}"  # per-replica model/optimizer entries when the dp axis runs local SGD / DiLoCo
+_DP_SYNC_FILE = "dp_sync_tp{}_pp{}.pt"  # the dp-sync algorithm state of one (tp, pp) shard
+_THREADED_BACKENDS = ("gloo", "nccl")
 _PRESETS = {
     "hybrid": {},
     "hybrid_tp2": {"tensor_parallel_size": 2},
@@ -66,6 +70,11 @@ class HybridParallelStrategy(ParallelStrategy):
     over the data-parallel ranks only (optionally compressed). Parameter names stay those of the
     unsplit model on every rank, so checkpoints and callbacks line up across layouts.
 
+    With ``data_parallel_sync=LocalSGD(...)`` or ``DiLoCo(...)`` the dp axis does not average gradients
+    every step: each replica (a tp × pp group of ranks) steps on its own, and every ``sync_every`` steps the
+    replicas average their parameters (local SGD) or their pseudo-gradients through an outer Nesterov SGD
+    (DiLoCo), shard by shard over the dp group. Tensor- and pipeline-parallel traffic is unchanged.
+
     Args:
         tensor_parallel_size: ranks sharing each layer (heads / hidden units split between them).
         pipeline_parallel_size: pipeline ranks; each holds a contiguous group of layers.
@@ -80,7 +89,12 @@ class HybridParallelStrategy(ParallelStrategy):
         model_family: ``"auto"`` (detected) or one of the supported families.
         auto_tensor_parallel: apply the family's TP plan; set ``False`` to apply your own plan in
             ``configure_model`` with ``self.device_mesh["tp"]``.
-        gradient_compression: a compressor of :mod:`lit_parallel.compression` for the dp-axis sync.
+        gradient_compression: a compressor of :mod:`lit_parallel.compression` for the dp-axis sync (with
+            ``data_parallel_sync``, for the parameter / pseudo-gradient exchange of each round).
+        data_parallel_sync: ``None`` (or ``"exact"``): gradients averaged over dp every step;
+            :class:`~lit_parallel.parallel.local_sgd.LocalSGD` / :class:`~lit_parallel.parallel.local_sgd.DiLoCo`
+            (or ``"local_sgd"`` / ``"diloco"`` for their defaults): replicas synchronize every ``sync_every``
+            optimizer steps (docs/async.md).
         bucket_cap_mb: size of the gradient buckets of the data-parallel sync.
         overlap_grad_sync: start each bucket's data-parallel all-reduce from a gradient hook while backward
             is still running (as DDP does). Used when the reduction is exact (no compression) and pp == 1;
@@ -115,6 +129,7 @@ class HybridParallelStrategy(ParallelStrategy):
         model_family: str = "auto",
         auto_tensor_parallel: bool = True,
         gradient_compression: Any | None = None,
+        data_parallel_sync: LocalSGD | DiLoCo | str | None = None,
         bucket_cap_mb: float = 25.0,
         overlap_grad_sync: bool = True,
         process_group_backend: str | None = None,
@@ -162,6 +177,12 @@ class HybridParallelStrategy(ParallelStrategy):
 
             gradient_compression = get_compressor(gradient_compression)
         self._compression = gradient_compression
+        self.data_parallel_sync = _resolve_dp_sync(data_parallel_sync)
+        self._dp_state: LocalSGDState | None = None
+        self._dp_sync_group: Any | None = None
+        self._dp_syncs = 0  # rounds since setup, for the replica check
+        if process_group_backend is not None:
+            self._check_overlap(process_group_backend)
         # Without compression the dp sync uses the exact "none" compressor, which counts bytes.
         self._sync_compressor: Any | None = None
         if gradient_compression is None:
@@ -312,13 +333,19 @@ class HybridParallelStrategy(ParallelStrategy):
                 f"gradient_compression={type(self._compression).__name__} needs data parallelism, but dp={self.dims.dp} "
                 f"(tp={self.dims.tp}, pp={self.dims.pp}, world_size={world_size}); use more processes or drop it."
             )
+        if self.data_parallel_sync is not None and self.dims.dp < 2:
+            raise ConfigurationError(
+                f"data_parallel_sync={self.data_parallel_sync!r} needs data parallelism, but dp={self.dims.dp} "
+                f"(tp={self.dims.tp}, pp={self.dims.pp}, world_size={world_size}); use more processes or drop it."
+            )
         if not self._is_parallelized():
             self._validate_model()  # every check that needs no collective, before the process group exists
-        reset_seed()
-        self.set_world_ranks()
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
         )
+        self._check_overlap(self._process_group_backend)
+        reset_seed()
+        self.set_world_ranks()
         connect(self.cluster_environment, self._process_group_backend, self._timeout, self.root_device)
         self._device_mesh = build_mesh(self.dims, self.root_device.type)
         assert self.lightning_module is not None
@@ -401,12 +428,47 @@ class HybridParallelStrategy(ParallelStrategy):
         self.model_to_device()
         if self._grad_sync is not None:
             self._grad_sync.remove_hooks()
-        self._grad_sync = GradientSynchronizer(
-            module.named_parameters(), group=self.data_parallel_group, compressor=self.compressor,
-            bucket_cap_mb=self.bucket_cap_mb, overlap=self.overlap_grad_sync and self.dims.pp == 1,
-        )
+            self._grad_sync = None
+        if self.data_parallel_sync is None:
+            self._grad_sync = GradientSynchronizer(
+                module.named_parameters(), group=self.data_parallel_group, compressor=self.compressor,
+                bucket_cap_mb=self.bucket_cap_mb, overlap=self.overlap_grad_sync and self.dims.pp == 1,
+            )
+        else:
+            self._setup_dp_sync()
         self._parallelized = weakref.ref(module)
         self._finish_setup(trainer)
+
+    def _setup_dp_sync(self) -> None:
+        assert self.data_parallel_sync is not None and self.dims is not None
+        if self._dp_state is not None and isinstance(self._dp_state, DiLoCoState):
+            self._dp_state.close()
+        self._dp_state = self.data_parallel_sync.build(self._local_parameters(), self.compressor)
+        self._dp_sync_group = self.data_parallel_group
+        if self.data_parallel_sync.overlap:
+            # A group of its own per dp group, so the exchange in flight never queues behind (or blocks)
+            # other collectives on the dp group. new_group is collective: every rank creates every group.
+            ranks = self.device_mesh.mesh.permute(0, 2, 1).reshape(-1, self.dims.dp).tolist()
+            mine = dist.get_rank()
+            for group_ranks in ranks:
+                group = dist.new_group(group_ranks, backend=self._process_group_backend)
+                if mine in group_ranks:
+                    self._dp_sync_group = group
+
+    def _local_parameters(self) -> list[Tensor]:
+        """This rank's trainable parameters as plain tensors (the local shards of DTensors)."""
+        return [p.to_local() if _is_dtensor(p) else p
+                for p in self.lightning_module.parameters() if p.requires_grad]
+
+    def _check_overlap(self, backend: str) -> None:
+        sync = self.data_parallel_sync
+        if sync is not None and sync.overlap and self._compression is not None and backend not in _THREADED_BACKENDS:
+            raise ConfigurationError(
+                f"data_parallel_sync={sync!r} with gradient_compression={self._compression!r} cannot run "
+                f"asynchronously on the {backend!r} backend: a compressor's exchange runs in a background "
+                f"thread, which needs a backend in {list(_THREADED_BACKENDS)}; valid: process_group_backend in "
+                f"{list(_THREADED_BACKENDS)}, no gradient_compression, or overlap=False."
+            )
 
     def _finish_setup(self, trainer: pl.Trainer) -> None:
         self.barrier()
@@ -471,7 +533,16 @@ class HybridParallelStrategy(ParallelStrategy):
             return result
 
         output = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
-        check_replicas_now(self, self.replica_check_every_n_steps, self.data_parallel_group)
+        if self._dp_state is None:
+            check_replicas_now(self, self.replica_check_every_n_steps, self.data_parallel_group)
+        elif self._dp_state.step(self._local_parameters(), self._dp_sync_group) and self.replica_check_every_n_steps:
+            # Replicas are equal right after a synchronization only; check at the first one due.
+            from lit_parallel.parallel.consistency import check_replicas
+
+            self._dp_syncs += 1
+            if self._dp_syncs % max(1, self.replica_check_every_n_steps // self._dp_state.sync_every) == 0:
+                check_replicas(self.lightning_module.named_parameters(), group=self.data_parallel_group,
+                               step=self._dp_state.steps)
         return output
 
     @contextmanager
@@ -493,8 +564,8 @@ class HybridParallelStrategy(ParallelStrategy):
             self._pipeline.sync_tied_gradients(self.lightning_module)
         if self._grad_sync is not None:
             self._grad_sync.sync()
-        if self.compressor is not None:
-            self.compressor.step()
+            if self.compressor is not None:
+                self.compressor.step()
 
     # -- collectives -------------------------------------------------------------------------------
     @override
@@ -529,6 +600,9 @@ class HybridParallelStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
+        if isinstance(self._dp_state, DiLoCoState):
+            self._dp_state.close()
+        self._dp_sync_group = None
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
@@ -571,7 +645,17 @@ class HybridParallelStrategy(ParallelStrategy):
         state = {"model": checkpoint.pop("state_dict")}
         for index, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{index}"] = optim_state
+        coords = self.dims.coordinates(self.global_rank) if self.dims is not None else {"dp": 0, "tp": 0, "pp": 0}
+        if self._dp_state is not None:
+            # The replicas differ between synchronizations: every dp replica keeps its own entries.
+            state = {_REPLICA_KEY.format(coords["dp"]): state}
         dcp.save(state, checkpoint_id=tmp)
+        if self._dp_state is not None:
+            # Outer state (counters; DiLoCo's global parameters, momentum, exchange in flight): identical
+            # across dp, one file per (tp, pp) shard.
+            dp_state = self._dp_state.state_dict()
+            if coords["dp"] == 0:
+                torch.save(dp_state, tmp / _DP_SYNC_FILE.format(coords["tp"], coords["pp"]))
         if self._compression is not None:
             # Error-feedback memory differs per rank (per dp replica and per tp/pp shard): keep every rank's.
             states: list[Any] = [None] * self.world_size
@@ -591,8 +675,10 @@ class HybridParallelStrategy(ParallelStrategy):
 
     def _layout(self) -> dict[str, Any]:
         assert self.dims is not None
+        sync = self.data_parallel_sync
         return {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp,
-                "pipeline_schedule": self.pipeline_schedule, "virtual_pipeline_stages": self.virtual_pipeline_stages}
+                "pipeline_schedule": self.pipeline_schedule, "virtual_pipeline_stages": self.virtual_pipeline_stages,
+                "data_parallel_sync": None if sync is None else type(sync).__name__}
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
@@ -620,18 +706,49 @@ class HybridParallelStrategy(ParallelStrategy):
                 f"{path} is not a complete {type(self).__name__} checkpoint (a DCP folder with .metadata and "
                 f"{_META_FILE}); incomplete checkpoints end in '.incomplete' and are never loaded."
             )
+        meta = torch.load(path / _META_FILE, map_location="cpu", weights_only=False)
+        saved_sync = (meta.get("parallel_layout") or {}).get("data_parallel_sync")
         module = self.lightning_module
         state: dict[str, Any] = {"model": get_model_state_dict(module)}
         optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
         for index, optimizer in enumerate(optimizers):
             state[f"optimizer_{index}"] = get_optimizer_state_dict(module, optimizer)
-        dcp.load(state, checkpoint_id=path)
+        key = self._replica_key(meta, path) if saved_sync is not None else None
+        dcp.load(state if key is None else {key: state}, checkpoint_id=path)
         set_model_state_dict(module, state["model"], )
         for index, optimizer in enumerate(optimizers):
             set_optimizer_state_dict(module, optimizer, state[f"optimizer_{index}"])
-        meta = torch.load(path / _META_FILE, map_location="cpu", weights_only=False)
+        self._load_dp_sync_state(saved_sync, path)
         self._load_compression_state(meta, path)
         return meta
+
+    def _replica_key(self, meta: dict[str, Any], path: Path) -> str:
+        """This rank's replica entry of a checkpoint written with ``data_parallel_sync`` (same layout only)."""
+        assert self.dims is not None
+        saved = meta["parallel_layout"]
+        if self._dp_state is None or saved != self._layout():
+            raise ConfigurationError(
+                f"{path} was written with data_parallel_sync={saved['data_parallel_sync']} and layout {saved}; "
+                f"its replicas differ, so it resumes only with the same layout and data_parallel_sync "
+                f"(this run: {self._layout()})."
+            )
+        return _REPLICA_KEY.format(self.dims.coordinates(self.global_rank)["dp"])
+
+    def _load_dp_sync_state(self, saved_sync: str | None, path: Path) -> None:
+        if self._dp_state is None:
+            return
+        if saved_sync is None:
+            # A checkpoint of synchronous training: every replica starts from it, the algorithm afresh.
+            if isinstance(self._dp_state, DiLoCoState):
+                self._dp_state.reset_global(self._local_parameters())
+            rank_zero_warn(f"{path} was written without data_parallel_sync; {self.data_parallel_sync!r} starts "
+                           "from its parameters with a fresh round counter.")
+            return
+        assert self.dims is not None
+        coords = self.dims.coordinates(self.global_rank)
+        dp_state = torch.load(path / _DP_SYNC_FILE.format(coords["tp"], coords["pp"]), map_location="cpu",
+                              weights_only=True)
+        self._dp_state.load_state_dict(dp_state)
 
     def _load_compression_state(self, meta: dict[str, Any], path: Path) -> None:
         states = meta.get(_COMPRESSION_KEY)
@@ -823,3 +940,19 @@ def _positional_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[A
 
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+_DP_SYNC_NAMES = {"exact": None, "local_sgd": LocalSGD, "diloco": DiLoCo}
+
+
+def _resolve_dp_sync(value: Any) -> LocalSGD | DiLoCo | None:
+    """``data_parallel_sync`` as a validated :class:`LocalSGD` / :class:`DiLoCo`, or ``None`` (exact)."""
+    if value is None or isinstance(value, LocalSGD | DiLoCo):
+        return value
+    if isinstance(value, str) and value in _DP_SYNC_NAMES:
+        kind = _DP_SYNC_NAMES[value]
+        return None if kind is None else kind()
+    raise ConfigurationError(
+        f"data_parallel_sync={value!r} is invalid; valid: None, {sorted(_DP_SYNC_NAMES)}, "
+        "lit_parallel.LocalSGD(sync_every=...) or lit_parallel.DiLoCo(sync_every=..., outer_lr=..., ...)."
+    )

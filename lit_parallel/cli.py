@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,28 @@ def _hydra_task(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+# Variables a real launcher sets next to LOCAL_RANK (torchrun, SLURM's srun, Open MPI, MPICH/PMI, manual RANK).
+_LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
+                  "PMI_RANK", "RANK")
+
+
+def inherited_launch_warning(environ: Mapping[str, str]) -> str | None:
+    """A warning when ``LOCAL_RANK=0`` looks inherited from a process that trained earlier, else ``None``.
+
+    Lightning writes ``LOCAL_RANK``, ``WORLD_SIZE`` and ``MASTER_PORT`` into the environment of the process
+    that calls ``Trainer.fit`` (and starts its other ranks with ``LOCAL_RANK >= 1``). A ``lit-parallel``
+    started from such a process (a notebook, a sweep script) sees ``LOCAL_RANK=0``, assumes an external
+    launcher started its peers and waits for them until the rendezvous times out.
+    """
+    if environ.get("LOCAL_RANK") != "0" or any(name in environ for name in _LAUNCHER_VARS):
+        return None
+    return ("LOCAL_RANK=0 is set but no launcher variable is (none of " + ", ".join(_LAUNCHER_VARS) + "): "
+            "this run assumes an external launcher started its peers "
+            f"(WORLD_SIZE={environ.get('WORLD_SIZE', 'unset')}) and will wait for them. If this process merely inherited the variables from a process that "
+            "trained before (Lightning sets them), unset LOCAL_RANK, WORLD_SIZE, NODE_RANK, MASTER_ADDR and "
+            "MASTER_PORT.")
+
+
 @record
 def main() -> None:
     """Console entry point of ``lit-parallel``.
@@ -256,6 +279,9 @@ def main() -> None:
         # Let the exception reach @record (Hydra would print it and exit 1), so torchrun's summary names
         # the failing rank and shows its traceback as the root cause.
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    warning = inherited_launch_warning(os.environ)
+    if warning is not None:
+        print(f"lit-parallel: warning: {warning}", file=sys.stderr)
     try:
         _check_recipe_overrides(sys.argv[1:])
     except ConfigurationError as err:

@@ -78,3 +78,22 @@ def test_missing_data_root_raises_before_training(compose_cfg, tmp_path):
 def test_bad_devices_raises_configuration_error(compose_cfg):
     with pytest.raises(ConfigurationError, match="trainer.devices=0"):
         train(compose_cfg("recipe=mnist_debug", "trainer.devices=0"))
+
+
+@pytest.mark.parametrize(
+    ("environ", "warns"),
+    [
+        ({"LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1234"}, True),  # inherited from an earlier fit
+        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, False),  # a rank Lightning's launcher started
+        ({"LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "RANK": "0"}, False),  # torchrun
+        ({"LOCAL_RANK": "0", "SLURM_PROCID": "0"}, False),  # srun
+        ({}, False),
+    ],
+)
+def test_inherited_launch_variables_are_reported(environ, warns):
+    from lit_parallel.cli import inherited_launch_warning
+
+    warning = inherited_launch_warning(environ)
+    assert (warning is not None) == warns
+    if warns:
+        assert "LOCAL_RANK=0" in warning and "unset LOCAL_RANK" in warning and "WORLD_SIZE=2" in warning

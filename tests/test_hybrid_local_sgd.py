@@ -13,28 +13,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
+from test_local_sgd import STEPS, _loader, _model  # the same model, data and seed as the standalone tests
 
 from lit_parallel import ConfigurationError, DiLoCo, DiLoCoStrategy, HybridParallelStrategy, LocalSGD
 from lit_parallel.callbacks import CommunicationMonitor
 from lit_parallel.compression import Int8
-from lit_parallel.models import ImageClassifier, mlp
 from lit_parallel.parallel.data_parallel import local_tensor
 from lit_parallel.testing import run_distributed
-
-SEED, STEPS, LOCAL_BATCH, IN_FEATURES = 5, 6, 4, 12
-
-
-def _loader(samples: int = STEPS * LOCAL_BATCH * 2) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(samples, IN_FEATURES, generator=g), torch.randint(0, 10, (samples,), generator=g))
-    return DataLoader(data, batch_size=LOCAL_BATCH, shuffle=True)
-
-
-def _model() -> ImageClassifier:
-    L.seed_everything(SEED, verbose=False)
-    # SGD with momentum: its update is linear in the gradient (local SGD with H=1 == data-parallel SGD).
-    return ImageClassifier(net=mlp(in_features=IN_FEATURES, hidden=16, depth=1), optimizer="sgd", lr=0.05)
 
 
 def _local_vector(module: L.LightningModule) -> torch.Tensor:

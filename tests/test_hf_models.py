@@ -71,6 +71,8 @@ def test_debug_configs_exercise_padding_and_gqa():
     assert load_config("gpt2_debug").vocab_size % 2 == 1
     llama = load_config("llama_debug")
     assert (llama.num_attention_heads, llama.num_key_value_heads) == (4, 2)
+    odd = load_config("llama_debug_odd_heads")  # SmolLM2-135M's layout: tp=2 splits it unevenly
+    assert (odd.num_attention_heads, odd.num_key_value_heads) == (9, 3)
 
 
 def test_causal_lm_loss_is_shifted_next_token_ce_ignoring_padding():

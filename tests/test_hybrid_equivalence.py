@@ -2,7 +2,8 @@
 
 Every layout of at most 4 ranks among (tp, pp, dp) is compared, in fp32 with AdamW for 5 steps,
 against a single-process Lightning run on the same global batches from the same seed, for an MLP,
-a tiny GPT-2 (fused-qkv attention, tied embeddings, odd vocabulary) and a tiny BERT classifier.
+a tiny GPT-2 (fused-qkv attention, tied embeddings, odd vocabulary) and a tiny BERT classifier; and
+tp=2 x pp=2 for a tiny Llama with odd head counts (6 heads, 3 KV heads: split unevenly, 4 + 2).
 Layouts of one world size run one after another inside the same spawned processes.
 """
 
@@ -13,7 +14,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from lit_parallel import HybridParallelStrategy
 from lit_parallel.models import CausalLM, ImageClassifier, SequenceClassifier, mlp
@@ -63,6 +71,11 @@ def _build(family: str):
         config = GPT2Config(vocab_size=101, n_embd=32, n_layer=4, n_head=4, n_positions=SEQ, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0)
         return CausalLM(GPT2LMHeadModel(config), lr=2e-3, weight_decay=0.01, eps=1e-6), _TokenData(101, None)
+    if family == "llama_odd_heads":
+        config = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+                             num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=SEQ,
+                             tie_word_embeddings=True)
+        return CausalLM(LlamaForCausalLM(config), lr=2e-3, weight_decay=0.01, eps=1e-6), _TokenData(101, None)
     config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, num_labels=3)
@@ -130,3 +143,9 @@ def test_pipeline_schedules(schedule):
     results = run_distributed(_fit_layouts, world_size=2, args=("mlp", [(1, 2, 1)], schedule, 4),
                               init_process_group=False, timeout=300)
     _check("mlp", [(1, 2, 1)], results)
+
+
+def test_uneven_llama_heads_tp2_pp2():
+    results = run_distributed(_fit_layouts, world_size=4, args=("llama_odd_heads", [(2, 2, 1)]),
+                              init_process_group=False, timeout=300)
+    _check("llama_odd_heads", [(2, 2, 1)], results)

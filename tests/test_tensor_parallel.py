@@ -20,6 +20,7 @@ from lit_parallel.errors import ConfigurationError
 from lit_parallel.models.image import mlp, mnist_cnn
 from lit_parallel.parallel.tensor_parallel import (
     SUPPORTED_FAMILIES,
+    GQAHeadParallel,
     apply_plan,
     apply_tensor_parallel,
     detect_family,
@@ -105,6 +106,8 @@ def _build(name: str) -> tuple[nn.Module, Callable[[nn.Module], tuple[torch.Tens
         return BertForMaskedLM(_bert_config()), _hf_loss(input_ids=ids, labels=ids)
     if name == "llama":
         return LlamaForCausalLM(_llama_config()), _hf_loss(input_ids=ids, labels=ids)
+    if name in ODD_LLAMAS:
+        return LlamaForCausalLM(_llama_config(**ODD_LLAMAS[name])), _hf_loss(input_ids=ids, labels=ids)
     if name == "gpt2":
         return GPT2LMHeadModel(_gpt2_config()), _hf_loss(input_ids=ids, labels=ids)
     if name == "gpt2_cls":
@@ -112,7 +115,12 @@ def _build(name: str) -> tuple[nn.Module, Callable[[nn.Module], tuple[torch.Tens
     raise AssertionError(name)
 
 
-MODELS = ("mlp", "mnist_cnn", "bert", "bert_mlm", "llama", "gpt2", "gpt2_cls")
+# Head counts tp=2 does not divide (SmolLM2-135M: 9 heads, 3 kv heads): split unevenly by kv-head groups.
+ODD_LLAMAS: dict[str, dict[str, Any]] = {
+    "llama_gqa_odd": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3),   # groups of 2
+    "llama_mha_odd": dict(hidden_size=24, num_attention_heads=3, num_key_value_heads=3),   # no GQA
+}
+MODELS = ("mlp", "mnist_cnn", "bert", "bert_mlm", "llama", "gpt2", "gpt2_cls", *ODD_LLAMAS)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -162,6 +170,13 @@ def _compare(name: str) -> dict[str, Any]:
         opt_tp.zero_grad()
     out["param_diff"] = _max_diff(dict(tp.named_parameters()), dict(ref.named_parameters()))
     out["state_dict_diff"] = _max_diff(tp.state_dict(), ref.state_dict())
+    # Replicated parameters must stay bit-identical across tp ranks; the test compares the ranks' copies.
+    out["replicated"] = {n: p.to_local().detach().clone() for n, p in tp.named_parameters()
+                         if isinstance(p, DTensor) and p.placements[0].is_replicate()}
+    if name in ODD_LLAMAS:
+        attn = tp.model.layers[0].self_attn
+        hidden = torch.randn(1, 2, attn.q_proj.in_features)
+        out["widths"] = {proj: getattr(attn, proj)(hidden).shape[-1] for proj in ("q_proj", "k_proj", "v_proj")}
     return out
 
 
@@ -240,7 +255,8 @@ def _checkpoint_across_layouts(name: str, path: str) -> float:
 
 def _all_checks(tmp: str) -> dict[str, Any]:
     results: dict[str, Any] = {name: _compare(name) for name in MODELS}
-    results["checkpoint"] = {name: _checkpoint_across_layouts(name, f"{tmp}/{name}") for name in ("gpt2", "llama")}
+    results["checkpoint"] = {name: _checkpoint_across_layouts(name, f"{tmp}/{name}")
+                             for name in ("gpt2", "llama", "llama_gqa_odd")}
     results["pruned"] = _pruned()
     results["custom"] = _custom_plan()
     return results
@@ -262,6 +278,27 @@ def test_matches_unsharded_model(tp_results: list[dict[str, Any]], name: str) ->
             assert r[key] < TOL, (rank, key, r)
 
 
+def test_replicated_parameters_identical_across_ranks(tp_results: list[dict[str, Any]]) -> None:
+    for name in MODELS:
+        first, *others = (results[name]["replicated"] for results in tp_results)
+        for other in others:
+            assert first.keys() == other.keys(), name
+            unequal = [n for n in first if not torch.equal(first[n], other[n])]
+            assert not unequal, (name, unequal)
+
+
+@pytest.mark.parametrize("name", ODD_LLAMAS)
+def test_odd_llama_heads_split_by_kv_groups(tp_results: list[dict[str, Any]], name: str) -> None:
+    # 3 kv heads of dim 8 over 2 ranks: 2 + 1, each with its query heads; q/k/v/o stored replicated.
+    groups = ODD_LLAMAS[name]["num_attention_heads"] // 3
+    assert [r[name]["widths"] for r in tp_results] == [
+        {"q_proj": kv * groups * 8, "k_proj": kv * 8, "v_proj": kv * 8} for kv in (2, 1)
+    ]
+    attention = {f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert attention <= tp_results[0][name]["replicated"].keys()
+    assert not any(".mlp." in n for n in tp_results[0][name]["replicated"])  # the MLP is sharded
+
+
 def test_pruned_stage_parallelizes(tp_results: list[dict[str, Any]]) -> None:
     for results in tp_results:
         r = results["pruned"]
@@ -278,6 +315,17 @@ def test_checkpoint_loads_into_unsharded_model(tp_results: list[dict[str, Any]])
 
 def test_custom_plan(tp_results: list[dict[str, Any]]) -> None:
     assert all(results["custom"]["diff"] < TOL for results in tp_results)
+
+
+def test_llama_plan_depends_on_tp_size_only_for_odd_heads() -> None:
+    odd = _llama_model(**ODD_LLAMAS["llama_gqa_odd"])
+    uneven = tensor_parallel_plan(odd, tp_size=2)
+    assert isinstance(uneven["model.layers.0.self_attn"], GQAHeadParallel)
+    assert "model.layers.0.self_attn.q_proj" not in uneven
+    assert "model.layers.0.mlp.up_proj" in uneven
+    assert tensor_parallel_plan(odd, tp_size=3).keys() == tensor_parallel_plan(odd).keys()  # 6 and 3 heads: even
+    assert "model.layers.0.self_attn.q_proj" in tensor_parallel_plan(odd)
+    assert tensor_parallel_plan(_llama_model(), tp_size=2).keys() == tensor_parallel_plan(_llama_model()).keys()
 
 
 def test_detect_family() -> None:
@@ -298,8 +346,10 @@ def test_detect_family() -> None:
         (lambda: _bert_model(num_attention_heads=2, hidden_size=16), 4, "num_attention_heads=2"),
         (lambda: _bert_model(intermediate_size=30), 4, "intermediate_size=30"),
         (lambda: _llama_model(num_attention_heads=4, num_key_value_heads=1), 2, "num_key_value_heads=1"),
-        (lambda: _llama_model(num_attention_heads=6, num_key_value_heads=6, hidden_size=24), 4,
-         "num_attention_heads=6"),
+        (lambda: _llama_model(num_attention_heads=6, num_key_value_heads=3, hidden_size=24), 4,
+         r"tensor_parallel_size=4 cannot split num_attention_heads=6, num_key_value_heads=3 .*valid sizes .*\[1, 2\]"),
+        (lambda: _llama_model(num_attention_heads=3, num_key_value_heads=3, hidden_size=24, intermediate_size=30), 4,
+         "intermediate_size=30"),
         (lambda: _gpt2_model(n_head=2), 4, "n_head=2"),
         (lambda: _gpt2_model(add_cross_attention=True), 2, "add_cross_attention"),
         (lambda: mlp(in_features=8, hidden=6, depth=1), 4, "1.out_features=6"),
@@ -313,6 +363,10 @@ def test_validation_errors(build: Callable[[], nn.Module], tp_size: int, match: 
 
 def test_validation_accepts_and_rejects_family_names() -> None:
     validate_tensor_parallel(_llama_model(), 2)
+    # SmolLM2-135M's layout: 9 heads, 3 kv heads, intermediate 1536 -> tp 2 and 3 (uneven / even heads).
+    smollm2 = dict(num_attention_heads=9, num_key_value_heads=3, hidden_size=72, intermediate_size=96)
+    for tp_size in (2, 3):
+        validate_tensor_parallel(_llama_model(**smollm2), tp_size)
     validate_tensor_parallel(mlp(), 4, family="sequential")
     with pytest.raises(ConfigurationError, match="family='t5' is unknown; valid: .*gpt2"):
         validate_tensor_parallel(mlp(), 2, family="t5")

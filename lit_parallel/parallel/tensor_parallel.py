@@ -17,8 +17,12 @@ full tensors on every rank and the usual loss works unchanged. Vocabulary sizes 
 tensor-parallel size are sharded unevenly (``torch.chunk`` sizes: 51 + 50 rows for 101 on 2 ranks): no
 padding, so parameter shapes and state dicts are those of the unsplit model.
 
-Every other parameter (norms, position embeddings, classifier heads, convolutions, and GPT-2's fused qkv
-weight, see :class:`PackedConv1DColwiseParallel`) becomes a replicated DTensor, so all parameters are DTensors on the tensor-parallel mesh: ``p.full_tensor()`` returns the
+Llama attention whose head counts the tensor-parallel size does not divide (SmolLM2-135M: 9 heads, 3
+key/value heads, tp=2) is split unevenly by whole key/value-head groups, see :class:`GQAHeadParallel`.
+
+Every other parameter (norms, position embeddings, classifier heads, convolutions, GPT-2's fused qkv
+weight, see :class:`PackedConv1DColwiseParallel`, and unevenly split Llama attention) becomes a replicated
+DTensor, so all parameters are DTensors on the tensor-parallel mesh: ``p.full_tensor()`` returns the
 unsplit value, parameter names (FQNs) are unchanged, and ``torch.optim.AdamW(foreach=True)`` accepts them.
 
 Modules that are absent on a pipeline stage (layers replaced by a parameter-less ``nn.Module()``,
@@ -30,7 +34,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -59,6 +63,7 @@ __all__ = [
     "SUPPORTED_FAMILIES",
     "Conv1DColwiseParallel",
     "Conv1DRowwiseParallel",
+    "GQAHeadParallel",
     "PackedConv1DColwiseParallel",
     "ReplicateParallel",
     "apply_plan",
@@ -241,7 +246,18 @@ class _PackedColwiseConv1D(nn.Module):
                                     mesh.get_group())
 
 
-_PACKED_CLASSES: dict[type, type] = {}
+_FORWARD_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _swap_forward(module: nn.Module, mixin: type) -> None:
+    """Give ``module`` the ``forward`` of ``mixin`` by swapping in a subclass (as FSDP2's ``fully_shard`` does).
+
+    Names, parameters, hooks and ``isinstance(module, OriginalClass)`` stay, and the module still deep-copies.
+    """
+    cls = type(module)
+    if (mixin, cls) not in _FORWARD_CLASSES:
+        _FORWARD_CLASSES[mixin, cls] = type(f"TensorParallel{cls.__name__}", (mixin, cls), {})
+    module.__class__ = _FORWARD_CLASSES[mixin, cls]
 
 
 class PackedConv1DColwiseParallel(ParallelStyle):
@@ -272,12 +288,7 @@ class PackedConv1DColwiseParallel(ParallelStyle):
                 f"of a multiple of tp={device_mesh.size()}."
             )
         _distribute_own(module, device_mesh, {"weight": Replicate(), "bias": Replicate()}, self.src_data_rank)
-        # Swap in a subclass with the per-rank forward (as FSDP2's fully_shard does): names, parameters,
-        # hooks and isinstance(module, Conv1D) stay, and the module still deep-copies.
-        cls = type(module)
-        if cls not in _PACKED_CLASSES:
-            _PACKED_CLASSES[cls] = type(f"TensorParallel{cls.__name__}", (_PackedColwiseConv1D, cls), {})
-        module.__class__ = _PACKED_CLASSES[cls]
+        _swap_forward(module, _PackedColwiseConv1D)
         module.tp_num_packed = self.num_packed
         return module
 
@@ -320,6 +331,174 @@ class Conv1DRowwiseParallel(ParallelStyle):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(use_local_output={self.use_local_output})"
+
+
+def _kv_head_share(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
+    """First key/value head and number of key/value heads of ``rank``: as even as possible, larger shares first."""
+    base, extra = divmod(num_kv_heads, tp_size)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
+def _grad_buffer(weight_shape: torch.Size, has_bias: bool, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zeroed weight and bias gradients as views of one flat buffer (both go out in one all-reduce)."""
+    numel = weight_shape.numel()
+    flat = torch.zeros(numel + (weight_shape[0] if has_bias else 0), dtype=dtype, device=device)
+    return flat, flat[:numel].view(weight_shape), flat[numel:]
+
+
+class _LinearOutputSlice(torch.autograd.Function):
+    """``x @ W[a:b].T + bias[a:b]``: output features ``a:b`` of a Linear, with the gradients of the full layer.
+
+    Backward all-reduces the input gradient (every rank's features contribute to it) and the zero-padded
+    weight/bias gradients, so the replicated parameters receive the full gradient on every rank.
+    Gradients are computed in the dtype of the incoming gradient (as autocast's backward does).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                rows: tuple[int, int], group: Any) -> torch.Tensor:
+        start, stop = rows
+        w_local = weight[start:stop]
+        ctx.save_for_backward(x, w_local)
+        ctx.rows, ctx.group, ctx.w_shape, ctx.has_bias = rows, group, weight.shape, bias is not None
+        ctx.param_dtype = weight.dtype
+        return nn.functional.linear(x, w_local, None if bias is None else bias[start:stop])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w_local = ctx.saved_tensors
+        start, stop = ctx.rows
+        g2d = grad.reshape(-1, grad.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1]).to(grad.dtype)
+        grad_x = (g2d @ w_local.to(grad.dtype)).to(x.dtype)
+        dist.all_reduce(grad_x, group=ctx.group)
+        flat, grad_w, grad_b = _grad_buffer(ctx.w_shape, ctx.has_bias, ctx.param_dtype, grad.device)
+        grad_w[start:stop] = g2d.t() @ x2d
+        if ctx.has_bias:
+            grad_b[start:stop] = g2d.sum(0)
+        dist.all_reduce(flat, group=ctx.group)
+        return grad_x.view(x.shape), grad_w, grad_b if ctx.has_bias else None, None, None
+
+
+class _LinearInputSlice(torch.autograd.Function):
+    """``all_reduce(x_r @ W[:, a:b].T) + bias``: a Linear fed only its input features ``a:b`` on each rank.
+
+    ``x_r`` holds this rank's input features; the partial outputs are summed over ``group``, so the output
+    is the full layer's on every rank. Backward needs no all-reduce for the input gradient (the output
+    gradient is the same on every rank) and all-reduces the zero-padded weight gradient; the bias
+    gradient is complete on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                cols: tuple[int, int], group: Any) -> torch.Tensor:
+        start, stop = cols
+        w_local = weight[:, start:stop]
+        ctx.save_for_backward(x, w_local)
+        ctx.cols, ctx.group, ctx.w_shape, ctx.param_dtype = cols, group, weight.shape, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        y = nn.functional.linear(x, w_local)
+        dist.all_reduce(y, group=group)
+        return y if bias is None else y.add_(bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w_local = ctx.saved_tensors
+        start, stop = ctx.cols
+        g2d = grad.reshape(-1, grad.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1]).to(grad.dtype)
+        grad_x = (g2d @ w_local.to(grad.dtype)).to(x.dtype).view(x.shape)
+        flat, grad_w, _ = _grad_buffer(ctx.w_shape, False, ctx.param_dtype, grad.device)
+        grad_w[:, start:stop] = g2d.t() @ x2d
+        dist.all_reduce(flat, group=ctx.group)
+        grad_b = None if ctx.bias_dtype is None else g2d.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _OutputSliceLinear(nn.Module):
+    """Forward of a Linear computing only its output features ``tp_slice`` (see :class:`GQAHeadParallel`)."""
+
+    tp_slice: tuple[int, int]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        return _LinearOutputSlice.apply(x, weight.to_local(), None if bias is None else bias.to_local(),
+                                        self.tp_slice, weight.device_mesh.get_group())
+
+
+class _InputSliceLinear(nn.Module):
+    """Forward of a Linear fed only its input features ``tp_slice`` (see :class:`GQAHeadParallel`)."""
+
+    tp_slice: tuple[int, int]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        return _LinearInputSlice.apply(x, weight.to_local(), None if bias is None else bias.to_local(),
+                                       self.tp_slice, weight.device_mesh.get_group())
+
+
+class GQAHeadParallel(ParallelStyle):
+    """Split a grouped-query attention module by whole key/value-head groups, unevenly where needed.
+
+    For Llama-style attention (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` Linears; ``head_dim`` and
+    ``num_key_value_groups`` attributes) whose head counts the tensor-parallel size does not divide, e.g.
+    SmolLM2-135M's 9 query / 3 key-value heads on 2 ranks. The key/value heads are dealt out as evenly as
+    possible, larger shares first (3 over 2 ranks: 2 + 1), and each rank takes the query heads of its
+    key/value heads (6 + 3), so ``num_key_value_groups`` is the same on every rank and attention runs
+    unchanged on whole groups. Rank ``r`` computes its rows of q, k and v and multiplies its attention
+    output by the matching input columns of ``o_proj``; the partial outputs are all-reduced.
+
+    A 384 + 192 row split has no DTensor placement, so the four weights (and biases) are stored
+    *replicated*, as in :class:`PackedConv1DColwiseParallel`: compute and activations are split, the
+    parameters and their optimizer state are not. Backward all-reduces the q/k/v input gradient and each
+    weight's zero-padded gradient, so every rank holds the full gradients and the replicas stay
+    bit-identical through the optimizer step.
+
+    The attention module's per-rank counts (``num_heads``, ``num_key_value_heads``, ``hidden_size``: read
+    by transformers releases before 5, which reshape with them) are set to this rank's where present.
+
+    Example::
+
+        parallelize_module(model.model.layers[0].self_attn, tp_mesh, GQAHeadParallel())
+
+    Raises:
+        ConfigurationError: not a Llama-style attention, or fewer key/value heads than ranks.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        projections = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        head_dim, groups = getattr(module, "head_dim", None), getattr(module, "num_key_value_groups", None)
+        if not (all(isinstance(p, nn.Linear) for p in projections)
+                and isinstance(head_dim, int) and isinstance(groups, int)):
+            raise ConfigurationError(
+                f"{type(self).__name__} expects a Llama-style attention (q_proj, k_proj, v_proj, o_proj "
+                f"Linears, int head_dim and num_key_value_groups); got {type(module).__name__}."
+            )
+        q, k, v, o = cast(list[nn.Linear], projections)
+        kv_heads, tp = k.out_features // head_dim, device_mesh.size()
+        if kv_heads < tp or q.out_features != kv_heads * groups * head_dim:
+            raise ConfigurationError(
+                f"{type(self).__name__}: {kv_heads} key/value heads (q_proj out {q.out_features}, head_dim "
+                f"{head_dim}, num_key_value_groups {groups}) cannot be split over tp={tp} ranks; valid: "
+                f"tp <= {kv_heads} and q_proj out = key/value heads * groups * head_dim."
+            )
+        first, count = _kv_head_share(kv_heads, tp, device_mesh.get_local_rank())
+        q_rows = (first * groups * head_dim, (first + count) * groups * head_dim)
+        kv_rows = (first * head_dim, (first + count) * head_dim)
+        for proj, rows, forward in ((q, q_rows, _OutputSliceLinear), (k, kv_rows, _OutputSliceLinear),
+                                    (v, kv_rows, _OutputSliceLinear), (o, q_rows, _InputSliceLinear)):
+            _distribute_own(proj, device_mesh, {"weight": Replicate(), "bias": Replicate()}, self.src_data_rank)
+            _swap_forward(proj, forward)
+            proj.tp_slice = rows
+        for attr, value in (("num_heads", count * groups), ("num_key_value_heads", count),
+                            ("hidden_size", count * groups * head_dim)):
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, value)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -518,7 +697,7 @@ def _linear_pairs(model: nn.Sequential) -> list[tuple[str, str]]:
     return pairs
 
 
-def _sequential_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+def _sequential_plan(model: nn.Module, _tp_size: int | None) -> dict[str, ParallelStyle]:
     plan: dict[str, ParallelStyle] = {}
     for first, second in _linear_pairs(model):  # type: ignore[arg-type]
         plan[first] = ColwiseParallel()
@@ -536,7 +715,7 @@ def _sequential_validate(model: nn.Module, tp_size: int) -> None:
 # bert ----------------------------------------------------------------------------------------------------
 
 
-def _bert_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+def _bert_plan(model: nn.Module, _tp_size: int | None) -> dict[str, ParallelStyle]:
     base, p = _base(model)
     plan: dict[str, ParallelStyle] = {}
     embeddings = getattr(base, "embeddings", None)
@@ -570,16 +749,33 @@ def _bert_validate(model: nn.Module, tp_size: int) -> None:
 # llama ---------------------------------------------------------------------------------------------------
 
 
-def _llama_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+def _llama_heads(config: Any) -> tuple[int, int]:
+    heads = config.num_attention_heads
+    return heads, config.num_key_value_heads or heads
+
+
+def _llama_uneven(model: nn.Module, tp_size: int | None) -> bool:
+    """Whether ``tp_size`` splits the attention heads unevenly (:class:`GQAHeadParallel`) rather than by DTensor shards."""
+    config = getattr(model, "config", None)
+    if tp_size is None or tp_size == 1 or config is None:
+        return False
+    return any(n % tp_size for n in _llama_heads(config))
+
+
+def _llama_plan(model: nn.Module, tp_size: int | None) -> dict[str, ParallelStyle]:
     base, p = _base(model)
+    uneven = _llama_uneven(model, tp_size)
     plan: dict[str, ParallelStyle] = {}
     if _is(base, "embed_tokens", nn.Embedding):
         plan[f"{p}embed_tokens"] = RowwiseParallel(input_layouts=Replicate())
     for i, _ in _present(getattr(base, "layers", None), "self_attn"):
         q = f"{p}layers.{i}"
-        for name in ("q_proj", "k_proj", "v_proj"):
-            plan[f"{q}.self_attn.{name}"] = ColwiseParallel()
-        plan[f"{q}.self_attn.o_proj"] = RowwiseParallel()
+        if uneven:
+            plan[f"{q}.self_attn"] = GQAHeadParallel()
+        else:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                plan[f"{q}.self_attn.{name}"] = ColwiseParallel()
+            plan[f"{q}.self_attn.o_proj"] = RowwiseParallel()
         plan[f"{q}.mlp.gate_proj"] = ColwiseParallel()
         plan[f"{q}.mlp.up_proj"] = ColwiseParallel()
         plan[f"{q}.mlp.down_proj"] = RowwiseParallel()
@@ -591,6 +787,8 @@ def _llama_plan(model: nn.Module) -> dict[str, ParallelStyle]:
 def _llama_localize(model: nn.Module, tp_size: int) -> None:
     # transformers 5 reshapes with -1 heads and keeps num_key_value_groups (heads / kv-heads) per rank;
     # older releases read these attributes, which then must hold the per-rank counts.
+    if _llama_uneven(model, tp_size):
+        return  # GQAHeadParallel set each rank's own counts
     base, _ = _base(model)
     for _, layer in _present(getattr(base, "layers", None), "self_attn"):
         _divide(layer.self_attn, tp_size, ("num_heads", "num_key_value_heads", "hidden_size"))
@@ -598,18 +796,23 @@ def _llama_localize(model: nn.Module, tp_size: int) -> None:
 
 def _llama_validate(model: nn.Module, tp_size: int) -> None:
     c = _config(model, "llama")
-    _require_divisible(
-        {"num_attention_heads": c.num_attention_heads,
-         "num_key_value_heads": c.num_key_value_heads or c.num_attention_heads,
-         "intermediate_size": c.intermediate_size},
-        tp_size, "llama",
-    )
+    heads, kv_heads = _llama_heads(c)
+    _require_divisible({"intermediate_size": c.intermediate_size}, tp_size, "llama: the MLP is sharded evenly")
+    if (heads % tp_size or kv_heads % tp_size) and kv_heads < tp_size:
+        # Uneven head splits (GQAHeadParallel) give every rank at least one whole key/value head.
+        valid = [t for t in range(1, kv_heads + 1) if c.intermediate_size % t == 0]
+        raise ConfigurationError(
+            f"tensor_parallel_size={tp_size} cannot split num_attention_heads={heads}, "
+            f"num_key_value_heads={kv_heads} (llama): it must divide both, or be at most num_key_value_heads "
+            f"so that every rank gets whole key/value-head groups; valid sizes (also dividing "
+            f"intermediate_size={c.intermediate_size}): {valid}."
+        )
 
 
 # gpt2 ----------------------------------------------------------------------------------------------------
 
 
-def _gpt2_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+def _gpt2_plan(model: nn.Module, _tp_size: int | None) -> dict[str, ParallelStyle]:
     base, p = _base(model)
     plan: dict[str, ParallelStyle] = {}
     if _is(base, "wte", nn.Embedding):
@@ -647,7 +850,8 @@ def _divide(module: nn.Module, tp_size: int, attrs: tuple[str, ...]) -> None:
             setattr(module, attr, getattr(module, attr) // tp_size)
 
 
-_PLANS: dict[str, Callable[[nn.Module], dict[str, ParallelStyle]]] = {
+# Plans may depend on the tensor-parallel size (Llama heads it does not divide); None: one that divides them.
+_PLANS: dict[str, Callable[[nn.Module, int | None], dict[str, ParallelStyle]]] = {
     "sequential": _sequential_plan, "bert": _bert_plan, "llama": _llama_plan, "gpt2": _gpt2_plan,
 }
 _LOCALIZE: dict[str, Callable[[nn.Module, int], None]] = {
@@ -663,15 +867,23 @@ _VALIDATE: dict[str, Callable[[nn.Module, int], None]] = {
 # --------------------------------------------------------------------------------------------------------
 
 
-def tensor_parallel_plan(model: nn.Module, family: str | None = None) -> dict[str, ParallelStyle]:
+def tensor_parallel_plan(model: nn.Module, family: str | None = None,
+                         tp_size: int | None = None) -> dict[str, ParallelStyle]:
     """The plan :func:`apply_tensor_parallel` uses for ``model`` (only modules present on this stage).
 
     A starting point for custom plans: edit the dict and pass it to :func:`apply_plan`.
 
+    Args:
+        model: the network (possibly a pipeline stage of it).
+        family: one of :data:`SUPPORTED_FAMILIES`; detected from the model when ``None``.
+        tp_size: the tensor-parallel size the plan is for. It matters only for Llama models whose head
+            counts it does not divide: their attention modules get :class:`GQAHeadParallel`. ``None``:
+            a size that divides them (q/k/v colwise, o rowwise).
+
     Raises:
         ConfigurationError: unknown or undetectable family.
     """
-    return _PLANS[_resolve_family(model, family)](model)
+    return _PLANS[_resolve_family(model, family)](model, tp_size)
 
 
 def validate_tensor_parallel(model: nn.Module, tp_size: int, family: str | None = None) -> None:
@@ -684,7 +896,8 @@ def validate_tensor_parallel(model: nn.Module, tp_size: int, family: str | None 
 
     Raises:
         ConfigurationError: bad ``tp_size``, unknown family, or a head count / hidden width not divisible
-            by ``tp_size`` (the message names the numbers).
+            by ``tp_size``; Llama head counts need not be divisible but then ``tp_size`` must not exceed
+            ``num_key_value_heads`` (the message names the numbers and the valid sizes).
     """
     if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
         raise ConfigurationError(f"tensor_parallel_size={tp_size!r} must be an integer >= 1.")
@@ -723,7 +936,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, family: str | N
     validate_tensor_parallel(model, tp_size, family)
     if tp_size == 1:
         return model
-    apply_plan(model, tp_mesh, _PLANS[family](model))
+    apply_plan(model, tp_mesh, _PLANS[family](model, tp_size))
     if family in _LOCALIZE:
         _LOCALIZE[family](model, tp_size)
     return model

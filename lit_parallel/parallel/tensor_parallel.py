@@ -416,26 +416,28 @@ class _LinearInputSlice(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-class _OutputSliceLinear(nn.Module):
-    """Forward of a Linear computing only its output features ``tp_slice`` (see :class:`GQAHeadParallel`)."""
+class _SliceLinear(nn.Module):
+    """Forward of a Linear with replicated DTensor parameters that computes only its slice ``tp_slice``."""
 
     tp_slice: tuple[int, int]
+    _function: Any  # the autograd Function doing the sliced product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        return _LinearOutputSlice.apply(x, weight.to_local(), None if bias is None else bias.to_local(),
-                                        self.tp_slice, weight.device_mesh.get_group())
+        return self._function.apply(x, weight.to_local(), None if bias is None else bias.to_local(),
+                                    self.tp_slice, weight.device_mesh.get_group())
 
 
-class _InputSliceLinear(nn.Module):
-    """Forward of a Linear fed only its input features ``tp_slice`` (see :class:`GQAHeadParallel`)."""
+class _OutputSliceLinear(_SliceLinear):
+    """Computes only the output features ``tp_slice`` (see :class:`GQAHeadParallel`)."""
 
-    tp_slice: tuple[int, int]
+    _function = _LinearOutputSlice
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        return _LinearInputSlice.apply(x, weight.to_local(), None if bias is None else bias.to_local(),
-                                       self.tp_slice, weight.device_mesh.get_group())
+
+class _InputSliceLinear(_SliceLinear):
+    """Is fed only the input features ``tp_slice`` (see :class:`GQAHeadParallel`)."""
+
+    _function = _LinearInputSlice
 
 
 class GQAHeadParallel(ParallelStyle):

@@ -13,7 +13,12 @@ for the same steps from the same seed, SGD with momentum, and reports: median ti
 the warm-up, payload bytes per step (what the compressor handed to collectives), wire bytes per step
 (the rank's veth ``tx_bytes``: TCP/IP headers and gloo framing included) and test accuracy at the end.
 Methods: ``ddp`` (DDP's built-in all-reduce), our compressors by name, and ``torch_powersgd`` (torch's
-``powerSGD_hook``). Prints a markdown table and writes the rows as JSON.
+``powerSGD_hook``). Prints a markdown table and writes the rows as JSON; with ``--eval-every N`` each row
+also holds a time-to-accuracy curve (training seconds so far vs test accuracy), which
+``bench/plot_time_to_accuracy.py`` draws.
+
+Workloads (``--model``): ``mlp`` (MNIST, SGD with momentum) or ``minilm`` (the ``bert_bbc`` recipe's
+all-MiniLM-L6-v2 on BBC News, AdamW; offline packages, see the README's set-up).
 """
 
 from __future__ import annotations
@@ -84,7 +89,8 @@ def _run_method(args: argparse.Namespace, rate: str, method: str, out: Path) -> 
         }
         cmd = ["ip", "netns", "exec", _ns(r), sys.executable, __file__, "--worker", "--method", method,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-               "--hidden", str(args.hidden), "--result", str(out)]
+               "--hidden", str(args.hidden), "--model", args.model, "--eval-every", str(args.eval_every),
+               "--lr-schedule", args.lr_schedule, "--result", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=args.timeout)[0] for p in procs]
     if any(p.returncode for p in procs):
@@ -115,7 +121,8 @@ def _orchestrate(args: argparse.Namespace) -> None:
 
 
 def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"\n{args.ranks} ranks, MLP hidden={args.hidden} ({rows[0].get('params', 0) / 1e6:.2f}M params), "
+    what = f"MLP hidden={args.hidden}" if args.model == "mlp" else "all-MiniLM-L6-v2 + 5-class head"
+    print(f"\n{args.ranks} ranks, {what} ({rows[0].get('params', 0) / 1e6:.2f}M params), "
           f"{args.steps} steps of {args.batch_size} per rank, warm-up {args.warmup}\n")
     print("| link | method | median step s | speed-up | payload MB/step | wire MB/step | test acc |")
     print("|---|---|---|---|---|---|---|")
@@ -130,22 +137,96 @@ def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
               f"{r['wire_mb']:.3f} | {100 * r['test_acc']:.1f} % |")
 
 
+class _Workload:
+    """Model, optimizer, this rank's batches and the test accuracy of one benchmark workload."""
+
+    def __init__(self, args: argparse.Namespace, rank: int, world: int) -> None:
+        import torch
+
+        self.args, self.rank, self.world = args, rank, world
+        if args.model == "mlp":
+            from lit_parallel.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
+            from lit_parallel.models import mlp
+
+            raw = load_mnist()
+
+            def norm(x: torch.Tensor) -> torch.Tensor:
+                return ((x.float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+
+            self.train_x, self.train_y = norm(raw["train_images"]), raw["train_labels"]
+            self.test_x, self.test_y = norm(raw["test_images"]), raw["test_labels"]
+            torch.manual_seed(0)
+            self.model = mlp(hidden=args.hidden, depth=2)
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+            self.num_train = len(self.train_x)
+        else:  # minilm: all-MiniLM-L6-v2 on BBC News, as recipes/bert_bbc.yaml (offline packages)
+            from lit_parallel.data import TextClassificationDataModule
+            from lit_parallel.data.text import PaddingCollator
+            from lit_parallel.models.loading import load_sequence_classifier
+
+            data = TextClassificationDataModule("minilm", max_length=128, batch_size=args.batch_size)
+            data.setup("fit")
+            self.train_set, self.test_set = data._splits["train"], data._splits["test"]
+            self.collate = PaddingCollator(data.tokenizer.pad_token_id)
+            torch.manual_seed(0)
+            self.model = load_sequence_classifier("minilm", num_labels=5)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-4, weight_decay=0.01)
+            self.num_train = len(self.train_set)
+        self.order = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(1))
+        self.scheduler = None
+        if args.lr_schedule == "linear":  # the recipes' schedule: linear warm-up, then linear decay to 0
+            warmup, total = 10, args.steps
+
+            def factor(step: int) -> float:
+                return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
+
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def loss(self, net, step: int):
+        import torch.nn.functional as F
+
+        batch = self.args.batch_size
+        steps_per_epoch = self.num_train // (batch * self.world)
+        start = ((step % steps_per_epoch) * self.world + self.rank) * batch
+        idx = self.order[start : start + batch]
+        if self.args.model == "mlp":
+            return F.cross_entropy(net(self.train_x[idx]), self.train_y[idx])
+        inputs = self.collate([self.train_set[int(i)] for i in idx])
+        labels = inputs.pop("labels")
+        return F.cross_entropy(net(**inputs).logits, labels)
+
+    def test_accuracy(self) -> float:
+        import torch
+
+        self.model.eval()
+        with torch.no_grad():
+            if self.args.model == "mlp":
+                correct = (self.model(self.test_x).argmax(1) == self.test_y).sum().item()
+                total = len(self.test_y)
+            else:
+                correct = total = 0
+                for start in range(0, len(self.test_set), 64):
+                    inputs = self.collate([self.test_set[i] for i in range(start, min(start + 64,
+                                                                                      len(self.test_set)))])
+                    labels = inputs.pop("labels")
+                    correct += (self.model(**inputs).logits.argmax(1) == labels).sum().item()
+                    total += len(labels)
+        self.model.train()
+        return correct / total
+
+
 def _worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from lit_parallel.compression import get_compressor
-    from lit_parallel.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
-    from lit_parallel.models import mlp
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    raw = load_mnist()
-    images = ((raw["train_images"].float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
-    torch.manual_seed(0)
-    model = mlp(hidden=args.hidden, depth=2)
+    work = _Workload(args, rank, world)
+    model = work.model
     ddp = DistributedDataParallel(model)
     compressor = None
     if args.method == "torch_powersgd":
@@ -158,36 +239,45 @@ def _worker(args: argparse.Namespace) -> None:
         kwargs = {"powersgd": {"rank": 4}, "topk": {"ratio": 0.01}}.get(args.method, {})
         compressor = get_compressor(args.method, warmup_steps=args.warmup, **kwargs)
         ddp.register_comm_hook(*compressor.ddp_comm_hook(model))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
+    optimizer = work.optimizer
     tx_path = Path(f"/sys/class/net/{os.environ['GLOO_SOCKET_IFNAME']}/statistics/tx_bytes")
-    times, wire, payload = [], [], []
+    times, wire, payload, curve = [], [], [], []
     for step in range(args.steps):
-        start = (step * world + rank) * args.batch_size
-        idx = order[start : start + args.batch_size]
         tx0, t0 = int(tx_path.read_text()), time.perf_counter()
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(ddp(images[idx]), raw["train_labels"][idx]).backward()
+        work.loss(ddp, step).backward()
         optimizer.step()
+        if work.scheduler is not None:
+            work.scheduler.step()
         if compressor is not None:
             compressor.step()
         times.append(time.perf_counter() - t0)
         wire.append(int(tx_path.read_text()) - tx0)
         if compressor is not None:
             payload.append(compressor.pop_stats().bytes_sent)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            # Time-to-accuracy: training seconds so far (evaluation excluded) and test accuracy.
+            if rank == 0:
+                curve.append({"step": step + 1, "train_s": sum(times), "test_acc": work.test_accuracy()})
+            dist.barrier()
     measured = slice(args.warmup + 1, None)  # after the warm-up, and after DDP's bucket rebuild
-    model.eval()
-    with torch.no_grad():
-        test = ((raw["test_images"].float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
-        acc = (model(test).argmax(1) == raw["test_labels"]).float().mean().item()
+    acc = work.test_accuracy() if rank == 0 else 0.0
+    curve.append({"step": args.steps, "train_s": sum(times), "test_acc": acc})
     if rank == 0:
         Path(args.result).write_text(json.dumps({
             "method": args.method,
+            "model": args.model,
+            "ranks": world,
+            "steps": args.steps,
+            "lr_schedule": args.lr_schedule,
             "params": sum(p.numel() for p in model.parameters()),
             "step_s": statistics.median(times[measured]),
+            "train_s": sum(times),
             "payload_mb": statistics.median(payload[measured]) / 1e6 if payload else None,
             "wire_mb": statistics.median(wire[measured]) / 1e6,
+            "wire_total_mb": sum(wire) / 1e6,
             "test_acc": acc,
+            "curve": curve,
         }))
     dist.barrier()
     dist.destroy_process_group()
@@ -202,6 +292,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="plain all-reduce steps before compressing")
     parser.add_argument("--batch-size", type=int, default=64, help="per rank")
     parser.add_argument("--hidden", type=int, default=1024, help="MLP width (2 hidden layers)")
+    parser.add_argument("--model", choices=("mlp", "minilm"), default="mlp",
+                        help="mlp: MNIST MLP, SGD; minilm: all-MiniLM-L6-v2 on BBC News, AdamW 2e-4")
+    parser.add_argument("--lr-schedule", choices=("constant", "linear"), default="constant",
+                        help="linear: 10 warm-up steps, then linear decay to 0 at --steps (as the recipes)")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also record test accuracy every N steps (time-to-accuracy curves)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per method")
     parser.add_argument("--json", default="comm_bench.json", help="where the orchestrator writes the rows")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

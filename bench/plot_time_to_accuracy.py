@@ -53,7 +53,8 @@ def main() -> None:
         for row in rows:
             curve = row["curve"]
             ax.plot([0] + [p["train_s"] for p in curve], [None] + [100 * p["test_acc"] for p in curve],
-                    marker="o", markersize=3, label=LABELS.get(row["method"], row["method"]))
+                    marker="o", markersize=3, label=LABELS.get(row["method"], row["method"]),
+                    color=f"C{list(LABELS).index(row['method']) if row['method'] in LABELS else len(LABELS)}")
         workload = "MNIST MLP" if model == "mlp" else "MiniLM, BBC News"
         if schedule != "constant":
             workload += f", {schedule} LR"

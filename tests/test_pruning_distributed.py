@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
+from collections.abc import Callable
+
 import lightning as L
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lit_parallel import ConfigurationError, DiLoCoStrategy, LocalSGDStrategy
 from lit_parallel.callbacks import MagnitudePruning
 from lit_parallel.models import ImageClassifier, mlp
 from lit_parallel.parallel.pruning import PruningLayout, expand_row_mask, row_norms
@@ -119,13 +123,13 @@ def _data() -> TensorDataset:
     return TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
-def _fit_pruned(devices: int) -> dict[str, torch.Tensor]:
+def _fit_pruned(devices: int, strategy: object = None, every_n_steps: int = 4) -> dict[str, torch.Tensor]:
     L.seed_everything(7, verbose=False)
     model = ImageClassifier(net=mlp(hidden=32, depth=1), lr=1e-2, optimizer="adam")
     loader = DataLoader(_data(), batch_size=GLOBAL_BATCH // devices, shuffle=devices > 1)
-    pruning = MagnitudePruning(0.8, start_step=2, end_step=10, every_n_steps=4, make_permanent=False)
+    pruning = MagnitudePruning(0.8, start_step=2, end_step=10, every_n_steps=every_n_steps, make_permanent=False)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=STEPS,
+        accelerator="cpu", devices=devices, strategy=strategy or ("ddp" if devices > 1 else "auto"), max_steps=STEPS,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[pruning],
     )
@@ -133,8 +137,10 @@ def _fit_pruned(devices: int) -> dict[str, torch.Tensor]:
     return {n: p.detach() != 0 for n, p in model.named_parameters() if n.endswith("weight")}
 
 
-def test_data_parallel_replicas_hold_identical_masks(ranks):
-    first, second = (result["dp"] for result in ranks)
+@pytest.mark.parametrize("case", ["dp", "diloco"])
+def test_data_parallel_replicas_hold_identical_masks(ranks, case):
+    # "diloco": replicas differ between synchronizations; masks are computed right after one.
+    first, second = (result[case] for result in ranks)
     for name, mask in first.items():
         assert torch.equal(mask, second[name]), name
     total = sum(m.numel() for m in first.values())
@@ -193,9 +199,27 @@ def _every_case() -> dict[str, object]:
         "tp=2": _hybrid_fit((2, 1)),
         "pp=2": _hybrid_fit((1, 2)),
         "dp": _fit_pruned(2),
+        "diloco": _fit_pruned(2, DiLoCoStrategy(sync_every=2, outer_momentum=0.5)),
+        "misaligned": _refusal(lambda: _fit_pruned(2, LocalSGDStrategy(sync_every=2), every_n_steps=3)),
         "tp": _tensor_parallel_masks(),
         "pp": _pipeline_masks(),
     }
+
+
+def _refusal(fit: Callable[[], object]) -> str:
+    try:
+        fit()
+    except ConfigurationError as err:
+        # The strategy armed its exit watchdog for the failed fit; this process goes on with other cases.
+        faulthandler.cancel_dump_traceback_later()
+        return str(err)
+    return "no error"
+
+
+def test_mask_updates_off_the_synchronization_steps_are_refused(ranks):
+    for result in ranks:
+        assert "every_n_steps=3 under LocalSGDStrategy with sync_every=2" in result["misaligned"]
+        assert "valid: multiples of 2" in result["misaligned"]
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,7 @@ class _MaskPruning(Callback):
         self._masked: list[tuple[nn.Parameter, Tensor]] = []
         self._weight_masks: list[Tensor] = []
         self._resolved_end: int | None = None
+        self._sync_every = 1  # the strategy's replica synchronization interval (local SGD / DiLoCo)
         self._last_update: int | None = None
         self._current_sparsity = 0.0
         self._logged: dict[str, float] = {}
@@ -203,6 +204,7 @@ class _MaskPruning(Callback):
         self._named = list(pl_module.named_parameters())
         self._names = {id(p): n for n, p in self._named}
         self._resolved_end = self._resolve_end(trainer)
+        self._sync_every = self._check_replica_sync(trainer)
         if self._loaded is not None:
             self._restore(self._loaded)
             self._loaded = None
@@ -221,6 +223,28 @@ class _MaskPruning(Callback):
                 "set end_step or a smaller start_step."
             )
         return end
+
+    def _check_replica_sync(self, trainer: L.Trainer) -> int:
+        """Under local SGD / DiLoCo, mask updates must fall on synchronization steps.
+
+        Between synchronizations the replicas differ, so masks computed from their weights would differ
+        too; right after one (``global_step % sync_every == 0``) they are identical.
+        """
+        every = getattr(trainer.strategy, "replica_sync_every", None) or 1
+        if every == 1:
+            return 1
+        assert self._resolved_end is not None
+        steps = {"start_step": self.start_step}
+        if self.schedule != "one_shot":
+            steps |= {"every_n_steps": self.every_n_steps, "end_step": self._resolved_end}
+        bad = {name: value for name, value in steps.items() if value % every}
+        if bad:
+            raise ConfigurationError(
+                f"{type(self).__name__}: {', '.join(f'{k}={v}' for k, v in bad.items())} under "
+                f"{type(trainer.strategy).__name__} with sync_every={every}: the replicas are identical only "
+                f"right after a synchronization, so masks can only be computed then; valid: multiples of {every}."
+            )
+        return every
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Masks and schedule position from a checkpoint.
@@ -258,7 +282,7 @@ class _MaskPruning(Callback):
 
     def _due(self, step: int) -> bool:
         assert self._resolved_end is not None
-        if step < self.start_step or step == self._last_update:
+        if step < self.start_step or step == self._last_update or step % self._sync_every:
             return False
         if self.schedule == "one_shot":
             return self._last_update is None

@@ -202,6 +202,11 @@ class HybridParallelStrategy(ParallelStrategy):
 
     # -- sizes and groups --------------------------------------------------------------------------
     @property
+    def replica_sync_every(self) -> int | None:
+        """With ``data_parallel_sync``: steps between rounds (dp replicas are identical right after one)."""
+        return None if self.data_parallel_sync is None else self.data_parallel_sync.sync_every
+
+    @property
     def compressor(self) -> Any | None:
         """The compressor of the data-parallel gradient sync (read by ``CommunicationMonitor``).
 

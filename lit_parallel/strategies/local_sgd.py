@@ -106,6 +106,11 @@ class LocalSGDStrategy(RestartSafeDDPMixin, DDPStrategy):
         self._syncs = 0  # averagings since setup, for the replica check
 
     @property
+    def replica_sync_every(self) -> int:
+        """Optimizer steps between two synchronizations: the replicas are identical only after those."""
+        return self.sync_every
+
+    @property
     def compressor(self) -> Compressor:
         """Averages the synchronized tensors and counts their bytes (read by ``CommunicationMonitor``)."""
         return self._compressor

@@ -32,7 +32,11 @@ from torch.distributed import ProcessGroup
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.compression.base import Compressor, NoCompression, copy_back, flatten
 
-__all__ = ["DiLoCo", "DiLoCoState", "LocalSGD", "LocalSGDState", "check_sync_every"]
+__all__ = ["THREADED_BACKENDS", "DiLoCo", "DiLoCoState", "LocalSGD", "LocalSGDState", "check_threaded_backend",
+           "check_sync_every"]
+
+# Backends whose collectives may run from DiLoCoState's background thread (a compressed, overlapped exchange).
+THREADED_BACKENDS = ("gloo", "nccl")
 
 # Compressor key of the exchanged tensors (error-feedback memory is kept per key).
 PARAMS_KEY = "local_sgd:params"
@@ -287,6 +291,22 @@ class DiLoCoState(LocalSGDState):
         """The hyper-parameters."""
         return {"sync_every": self.sync_every, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
                 "nesterov": self.nesterov, "overlap": self.overlap}
+
+
+def check_threaded_backend(backend: str, setting: str, without_compression: str) -> None:
+    """Raise :class:`ConfigurationError` unless an overlapped, compressed exchange can run on ``backend``.
+
+    Args:
+        backend: the process-group backend.
+        setting: the user's setting, for the message (``"DiLoCoStrategy(overlap=True, compression=...)"``).
+        without_compression: how the user drops the compressor (``"compression=None"``).
+    """
+    if backend not in THREADED_BACKENDS:
+        raise ConfigurationError(
+            f"{setting} cannot run asynchronously on the {backend!r} backend: a compressor's exchange runs in a "
+            f"background thread, which needs a backend in {list(THREADED_BACKENDS)}; valid: process_group_backend "
+            f"in {list(THREADED_BACKENDS)}, {without_compression}, or overlap=False."
+        )
 
 
 def check_outer(owner: str, outer_lr: Any, outer_momentum: Any) -> None:

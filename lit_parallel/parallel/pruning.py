@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.data_parallel import local_tensor
 
 __all__ = [
     "SCHEDULES",
@@ -82,11 +83,6 @@ def schedule_sparsity(
         return target
     progress = (step - start_step) / (end_step - start_step)
     return target * (1.0 - (1.0 - progress) ** 3)
-
-
-def local_tensor(tensor: Tensor) -> Tensor:
-    """This rank's part of ``tensor``: the local shard of a ``DTensor`` (same storage), else itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def row_norms(weight: Tensor, dim: int, norm: float) -> Tensor:

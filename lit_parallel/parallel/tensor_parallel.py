@@ -347,6 +347,19 @@ def _grad_buffer(weight_shape: torch.Size, has_bias: bool, dtype: torch.dtype,
     return flat, flat[:numel].view(weight_shape), flat[numel:]
 
 
+def _local_linear_backward(grad: torch.Tensor, x: torch.Tensor,
+                           w_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``x @ w_local.T`` on this rank: ``(grad as 2-D, input gradient, weight gradient)``.
+
+    Computed in the dtype of the incoming gradient (as autocast's backward does); the input gradient is
+    returned in ``x``'s dtype and shape.
+    """
+    g2d = grad.reshape(-1, grad.shape[-1])
+    x2d = x.reshape(-1, x.shape[-1]).to(grad.dtype)
+    grad_x = (g2d @ w_local.to(grad.dtype)).to(x.dtype).view(x.shape)
+    return g2d, grad_x, g2d.t() @ x2d
+
+
 class _LinearOutputSlice(torch.autograd.Function):
     """``x @ W[a:b].T + bias[a:b]``: output features ``a:b`` of a Linear, with the gradients of the full layer.
 
@@ -367,18 +380,15 @@ class _LinearOutputSlice(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, w_local = ctx.saved_tensors
         start, stop = ctx.rows
-        g2d = grad.reshape(-1, grad.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1]).to(grad.dtype)
-        grad_x = (g2d @ w_local.to(grad.dtype)).to(x.dtype)
+        g2d, grad_x, grad_w_local = _local_linear_backward(grad, *ctx.saved_tensors)
         dist.all_reduce(grad_x, group=ctx.group)
         flat, grad_w, grad_b = _grad_buffer(ctx.w_shape, ctx.has_bias, ctx.param_dtype, grad.device)
-        grad_w[start:stop] = g2d.t() @ x2d
+        grad_w[start:stop] = grad_w_local
         if ctx.has_bias:
             grad_b[start:stop] = g2d.sum(0)
         dist.all_reduce(flat, group=ctx.group)
-        return grad_x.view(x.shape), grad_w, grad_b if ctx.has_bias else None, None, None
+        return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None
 
 
 class _LinearInputSlice(torch.autograd.Function):
@@ -404,13 +414,10 @@ class _LinearInputSlice(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, w_local = ctx.saved_tensors
         start, stop = ctx.cols
-        g2d = grad.reshape(-1, grad.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1]).to(grad.dtype)
-        grad_x = (g2d @ w_local.to(grad.dtype)).to(x.dtype).view(x.shape)
+        g2d, grad_x, grad_w_local = _local_linear_backward(grad, *ctx.saved_tensors)
         flat, grad_w, _ = _grad_buffer(ctx.w_shape, False, ctx.param_dtype, grad.device)
-        grad_w[:, start:stop] = g2d.t() @ x2d
+        grad_w[:, start:stop] = grad_w_local
         dist.all_reduce(flat, group=ctx.group)
         grad_b = None if ctx.bias_dtype is None else g2d.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None

@@ -96,3 +96,20 @@ def check_replicas_now(strategy: Any, every: int | None, group: Any = None) -> N
     from lit_parallel.parallel.consistency import check_replicas
 
     check_replicas(module.named_parameters(), group=group, step=step)
+
+
+def check_replicas_after_round(strategy: Any, every: int | None, state: Any, group: Any = None) -> None:
+    """The replica divergence guard for local SGD / DiLoCo, called right after a synchronization.
+
+    Replicas are equal only right after a round, so the check runs at the first round due after every
+    ``every`` steps: on rounds ``state.steps // state.sync_every`` that are multiples of
+    ``every // sync_every`` (every round when ``every <= sync_every``).
+    """
+    if every is None:
+        return
+    rounds = state.steps // state.sync_every
+    if rounds % max(1, every // state.sync_every):
+        return
+    from lit_parallel.parallel.consistency import check_replicas
+
+    check_replicas(strategy.lightning_module.named_parameters(), group=group, step=state.steps)

@@ -16,14 +16,10 @@ from torch.distributed import ProcessGroup
 from typing_extensions import override
 
 from lit_parallel.compression import Compressor, NoCompression, resolve_compressor
-from lit_parallel.errors import ConfigurationError
-from lit_parallel.parallel.local_sgd import DiLoCoState, LocalSGDState, check_outer
+from lit_parallel.parallel.local_sgd import DiLoCoState, LocalSGDState, check_outer, check_threaded_backend
 from lit_parallel.strategies.local_sgd import LocalSGDStrategy
 
 __all__ = ["DiLoCoStrategy"]
-
-# Backends that accept collectives from a second thread, which overlap needs for a compressor.
-_THREADED_BACKENDS = ("gloo", "nccl")
 
 
 class DiLoCoStrategy(LocalSGDStrategy):
@@ -160,10 +156,6 @@ class DiLoCoStrategy(LocalSGDStrategy):
         return dist.new_group(backend=self._get_process_group_backend())
 
     def _check_overlap(self, backend: str) -> None:
-        if self.overlap and not isinstance(self._compressor, NoCompression) and backend not in _THREADED_BACKENDS:
-            raise ConfigurationError(
-                f"DiLoCoStrategy(overlap=True, compression={self._compressor!r}) cannot run asynchronously on the "
-                f"{backend!r} backend: a compressor's exchange runs in a background thread, which needs a backend "
-                f"in {list(_THREADED_BACKENDS)}; valid: process_group_backend in {list(_THREADED_BACKENDS)}, "
-                "compression=None, or overlap=False."
-            )
+        if self.overlap and not isinstance(self._compressor, NoCompression):
+            check_threaded_backend(backend, f"DiLoCoStrategy(overlap=True, compression={self._compressor!r})",
+                                   "compression=None")

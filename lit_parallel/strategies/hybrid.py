@@ -35,10 +35,22 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
-from lit_parallel.parallel.data_parallel import GradientSynchronizer
-from lit_parallel.parallel.local_sgd import DiLoCo, DiLoCoState, LocalSGD, LocalSGDState
+from lit_parallel.parallel.data_parallel import GradientSynchronizer, local_tensor
+from lit_parallel.parallel.local_sgd import (
+    DiLoCo,
+    DiLoCoState,
+    LocalSGD,
+    LocalSGDState,
+    check_threaded_backend,
+)
 from lit_parallel.parallel.mesh import ParallelDims, build_mesh
-from lit_parallel.strategies._launch import check_replicas_now, connect, exit_watchdog, replica_check_interval
+from lit_parallel.strategies._launch import (
+    check_replicas_after_round,
+    check_replicas_now,
+    connect,
+    exit_watchdog,
+    replica_check_interval,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -50,7 +62,6 @@ _META_FILE = "meta.pt"
 _COMPRESSION_KEY = "gradient_compression"
 _REPLICA_KEY = "replica_dp{}"  # per-replica model/optimizer entries when the dp axis runs local SGD / DiLoCo
 _DP_SYNC_FILE = "dp_sync_tp{}_pp{}.pt"  # the dp-sync algorithm state of one (tp, pp) shard
-_THREADED_BACKENDS = ("gloo", "nccl")
 _PRESETS = {
     "hybrid": {},
     "hybrid_tp2": {"tensor_parallel_size": 2},
@@ -180,7 +191,6 @@ class HybridParallelStrategy(ParallelStrategy):
         self.data_parallel_sync = _resolve_dp_sync(data_parallel_sync)
         self._dp_state: LocalSGDState | None = None
         self._dp_sync_group: Any | None = None
-        self._dp_syncs = 0  # rounds since setup, for the replica check
         if process_group_backend is not None:
             self._check_overlap(process_group_backend)
         # Without compression the dp sync uses the exact "none" compressor, which counts bytes.
@@ -333,16 +343,16 @@ class HybridParallelStrategy(ParallelStrategy):
         super().setup_environment()
         world_size = self.num_nodes * self.num_processes
         self.dims = ParallelDims.resolve(self._tp, self._pp, self._dp_arg, world_size)
-        if self._compression is not None and self.dims.dp < 2:
-            raise ConfigurationError(
-                f"gradient_compression={type(self._compression).__name__} needs data parallelism, but dp={self.dims.dp} "
-                f"(tp={self.dims.tp}, pp={self.dims.pp}, world_size={world_size}); use more processes or drop it."
-            )
-        if self.data_parallel_sync is not None and self.dims.dp < 2:
-            raise ConfigurationError(
-                f"data_parallel_sync={self.data_parallel_sync!r} needs data parallelism, but dp={self.dims.dp} "
-                f"(tp={self.dims.tp}, pp={self.dims.pp}, world_size={world_size}); use more processes or drop it."
-            )
+        dp_settings = {
+            "gradient_compression": None if self._compression is None else type(self._compression).__name__,
+            "data_parallel_sync": None if self.data_parallel_sync is None else repr(self.data_parallel_sync),
+        }
+        for name, shown in dp_settings.items():
+            if shown and self.dims.dp < 2:
+                raise ConfigurationError(
+                    f"{name}={shown} needs data parallelism, but dp={self.dims.dp} (tp={self.dims.tp}, "
+                    f"pp={self.dims.pp}, world_size={world_size}); use more processes or drop it."
+                )
         if not self._is_parallelized():
             self._validate_model()  # every check that needs no collective, before the process group exists
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
@@ -446,7 +456,7 @@ class HybridParallelStrategy(ParallelStrategy):
 
     def _setup_dp_sync(self) -> None:
         assert self.data_parallel_sync is not None and self.dims is not None
-        if self._dp_state is not None and isinstance(self._dp_state, DiLoCoState):
+        if isinstance(self._dp_state, DiLoCoState):
             self._dp_state.close()
         self._dp_state = self.data_parallel_sync.build(self._local_parameters(), self.compressor)
         self._dp_sync_group = self.data_parallel_group
@@ -462,17 +472,14 @@ class HybridParallelStrategy(ParallelStrategy):
 
     def _local_parameters(self) -> list[Tensor]:
         """This rank's trainable parameters as plain tensors (the local shards of DTensors)."""
-        return [p.to_local() if _is_dtensor(p) else p
-                for p in self.lightning_module.parameters() if p.requires_grad]
+        return [local_tensor(p) for p in self.lightning_module.parameters() if p.requires_grad]
 
     def _check_overlap(self, backend: str) -> None:
         sync = self.data_parallel_sync
-        if sync is not None and sync.overlap and self._compression is not None and backend not in _THREADED_BACKENDS:
-            raise ConfigurationError(
-                f"data_parallel_sync={sync!r} with gradient_compression={self._compression!r} cannot run "
-                f"asynchronously on the {backend!r} backend: a compressor's exchange runs in a background "
-                f"thread, which needs a backend in {list(_THREADED_BACKENDS)}; valid: process_group_backend in "
-                f"{list(_THREADED_BACKENDS)}, no gradient_compression, or overlap=False."
+        if sync is not None and sync.overlap and self._compression is not None:
+            check_threaded_backend(
+                backend, f"data_parallel_sync={sync!r} with gradient_compression={self._compression!r}",
+                "no gradient_compression",
             )
 
     def _finish_setup(self, trainer: pl.Trainer) -> None:
@@ -540,14 +547,8 @@ class HybridParallelStrategy(ParallelStrategy):
         output = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
         if self._dp_state is None:
             check_replicas_now(self, self.replica_check_every_n_steps, self.data_parallel_group)
-        elif self._dp_state.step(self._local_parameters(), self._dp_sync_group) and self.replica_check_every_n_steps:
-            # Replicas are equal right after a synchronization only; check at the first one due.
-            from lit_parallel.parallel.consistency import check_replicas
-
-            self._dp_syncs += 1
-            if self._dp_syncs % max(1, self.replica_check_every_n_steps // self._dp_state.sync_every) == 0:
-                check_replicas(self.lightning_module.named_parameters(), group=self.data_parallel_group,
-                               step=self._dp_state.steps)
+        elif self._dp_state.step(self._local_parameters(), self._dp_sync_group):
+            check_replicas_after_round(self, self.replica_check_every_n_steps, self._dp_state, self.data_parallel_group)
         return output
 
     @contextmanager
@@ -650,15 +651,16 @@ class HybridParallelStrategy(ParallelStrategy):
         state = {"model": checkpoint.pop("state_dict")}
         for index, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{index}"] = optim_state
-        coords = self.dims.coordinates(self.global_rank) if self.dims is not None else {"dp": 0, "tp": 0, "pp": 0}
-        if self._dp_state is not None:
+        if self._dp_state is None:
+            dcp.save(state, checkpoint_id=tmp)
+        else:
+            assert self.dims is not None
+            coords = self.dims.coordinates(self.global_rank)
             # The replicas differ between synchronizations: every dp replica keeps its own entries.
-            state = {_REPLICA_KEY.format(coords["dp"]): state}
-        dcp.save(state, checkpoint_id=tmp)
-        if self._dp_state is not None:
+            dcp.save({_REPLICA_KEY.format(coords["dp"]): state}, checkpoint_id=tmp)
             # Outer state (counters; DiLoCo's global parameters, momentum, exchange in flight): identical
             # across dp, one file per (tp, pp) shard.
-            dp_state = self._dp_state.state_dict()
+            dp_state = self._dp_state.state_dict()  # every rank: it waits for an exchange in flight
             if coords["dp"] == 0:
                 torch.save(dp_state, tmp / _DP_SYNC_FILE.format(coords["tp"], coords["pp"]))
         if self._compression is not None:

@@ -25,7 +25,11 @@ from typing_extensions import override
 from lit_parallel.compression import Compressor, get_compressor
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.local_sgd import LocalSGDState, check_sync_every
-from lit_parallel.strategies._launch import RestartSafeDDPMixin, replica_check_interval
+from lit_parallel.strategies._launch import (
+    RestartSafeDDPMixin,
+    check_replicas_after_round,
+    replica_check_interval,
+)
 
 __all__ = ["LocalSGDStrategy"]
 
@@ -103,7 +107,6 @@ class LocalSGDStrategy(RestartSafeDDPMixin, DDPStrategy):
         self._sync_group: ProcessGroup | None = None
         self._compressor: Compressor = get_compressor("none")
         self._restored: dict[str, Any] | None = None
-        self._syncs = 0  # averagings since setup, for the replica check
 
     @property
     def replica_sync_every(self) -> int:
@@ -134,13 +137,8 @@ class LocalSGDStrategy(RestartSafeDDPMixin, DDPStrategy):
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         assert self._state is not None
-        if self._state.step(self._parameters(), self._sync_group) and self.replica_check_every_n_steps:
-            # Replicas are equal right after an averaging only; check at the first one due.
-            from lit_parallel.parallel.consistency import check_replicas
-
-            self._syncs += 1
-            if self._syncs % max(1, self.replica_check_every_n_steps // self.sync_every) == 0:
-                check_replicas(self.lightning_module.named_parameters(), step=self._state.steps)
+        if self._state.step(self._parameters(), self._sync_group):
+            check_replicas_after_round(self, self.replica_check_every_n_steps, self._state)
         return output
 
     @override

@@ -140,3 +140,13 @@ def test_cache_folders_are_written_atomically(tmp_path):
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("LIT_PARALLEL_CACHE", str(tmp_path))
     assert loading.cache_dir() == tmp_path
+
+
+def test_sequence_classifier_infers_num_labels_from_an_instance():
+    model = SequenceClassifier("bert_debug", num_labels=3).model
+    module = SequenceClassifier(model)  # config.num_labels=3: not repeated
+    assert module.num_labels == 3
+    assert module.metrics["val_acc"].num_classes == 3
+    with pytest.raises(ConfigurationError, match="model.num_labels is needed"):
+        SequenceClassifier(torch.nn.Linear(4, 3))
+    assert SequenceClassifier(torch.nn.Linear(4, 3), num_labels=3).num_labels == 3

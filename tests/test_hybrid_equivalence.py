@@ -55,6 +55,35 @@ class _TokenData(Dataset):
                 "labels": self.labels[i]}
 
 
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    # Sliding windows of 6 tokens on layers 2 and 3 (max_window_layers=2), full attention on 0 and 1.
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=SEQ, use_sliding_window=True, sliding_window=6,
+        max_window_layers=2, tie_word_embeddings=False))
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(  # every layer attends within 6 of the 16 tokens
+        vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=SEQ, sliding_window=6))
+
+
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(  # q/k RMSNorm per head; head_dim != hidden / heads; tied head
+        vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=SEQ, tie_word_embeddings=True))
+
+
+DECODERS = {"qwen2": _qwen2, "mistral": _mistral, "qwen3": _qwen3}
+
+
 def _build(family: str):
     """A fresh module (same seed => same initial weights) and its dataset.
 
@@ -76,6 +105,8 @@ def _build(family: str):
                              num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=SEQ,
                              tie_word_embeddings=True)
         return CausalLM(LlamaForCausalLM(config), lr=2e-3, weight_decay=0.01, eps=1e-6), _TokenData(101, None)
+    if family in DECODERS:
+        return CausalLM(DECODERS[family](), lr=2e-3, weight_decay=0.01, eps=1e-6), _TokenData(101, None)
     config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, num_labels=3)

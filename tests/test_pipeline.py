@@ -290,7 +290,7 @@ class _Custom(nn.Module):
     (dict(model="gpt2", num_stages=5), r"5 pipeline stages but the gpt2 model has only 4 layers.*num_stages <= 4"),
     (dict(model="mlp", num_stages=5), r"only 4 layers"),
     (dict(model="custom", num_stages=2), r"cannot split _Custom.*split_points=\['transformer.h.4'"),
-    (dict(model="mlp", num_stages=2, family="t5"), r"family='t5' is unknown; valid: \['sequential'"),
+    (dict(model="mlp", num_stages=2, family="t5"), r"model_family='t5' is unknown; valid: 'auto' or one of \[.*'sequential'"),
     (dict(model="bert", num_stages=2, family="gpt2"), r"family='gpt2' does not match BertForSequenceClassification"),
     (dict(model="mlp", num_stages=0), r"num_stages=0 is invalid"),
 ])

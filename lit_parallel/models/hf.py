@@ -31,6 +31,11 @@ def _hf_inputs(batch: dict[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[st
     return (), {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
 
 
+def _check_num_labels(num_labels: int) -> None:
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise ConfigurationError(f"model.num_labels={num_labels!r} must be an integer >= 2.")
+
+
 class SequenceClassifier(ParallelModule):
     """Fine-tunes any HF sequence-classification model; logs loss, accuracy and macro-F1.
 
@@ -39,7 +44,7 @@ class SequenceClassifier(ParallelModule):
             for :func:`~lit_parallel.models.loading.load_sequence_classifier`: ``"minilm"`` (offline),
             ``"bert_debug"``, a local folder or a hub name such as ``"bert-base-uncased"``. Encoder-only
             checkpoints get a new ``num_labels`` head on their pretrained encoder.
-        num_labels: number of classes.
+        num_labels: number of classes; ``None`` reads an instance's ``config.num_labels`` (2 for a name).
         **optim: optimizer/schedule settings of :class:`ParallelModule` (``lr``, ``lr_schedule``, ...).
 
     Raises:
@@ -52,16 +57,29 @@ class SequenceClassifier(ParallelModule):
         Trainer(max_epochs=2).fit(model, datamodule=TextClassificationDataModule("minilm"))
     """
 
-    def __init__(self, model: nn.Module | str = "minilm", num_labels: int = 2, **optim: Any) -> None:
+    def __init__(self, model: nn.Module | str = "minilm", num_labels: int | None = None, **optim: Any) -> None:
         super().__init__(**optim)
-        if num_labels < 2:
-            raise ConfigurationError(f"model.num_labels={num_labels} must be >= 2.")
-        self.model = load_sequence_classifier(model, num_labels) if isinstance(model, str) else model
+        if isinstance(model, str):
+            num_labels = 2 if num_labels is None else num_labels
+            _check_num_labels(num_labels)
+            model = load_sequence_classifier(model, num_labels)
+        configured = getattr(getattr(model, "config", None), "num_labels", None)
+        if num_labels is None:
+            # An instance says how many classes it has; a model without a config must be told.
+            if configured is None:
+                raise ConfigurationError(
+                    f"model.num_labels is needed: {type(model).__name__} has no config.num_labels to infer it from."
+                )
+            num_labels = configured
+        _check_num_labels(num_labels)
+        if configured is not None and configured != num_labels:
+            raise ConfigurationError(
+                f"model.num_labels={num_labels} but the model's config has {configured}; pass num_labels={configured} "
+                "or leave it out (it is read from the config)."
+            )
+        self.model = model
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps modes as it finds them
         self.hf_config = getattr(self.model, "config", None)
-        configured = getattr(self.hf_config, "num_labels", num_labels)
-        if configured != num_labels:
-            raise ConfigurationError(f"model.num_labels={num_labels} but the model's config has {configured}.")
         self.num_labels = num_labels
         self.metrics = nn.ModuleDict(
             {

@@ -49,10 +49,9 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from lit_parallel.errors import ConfigurationError
-from lit_parallel.parallel.tensor_parallel import detect_family
+from lit_parallel.parallel.families import ModelFamily, PipelineLayout, get_family
 
 __all__ = [
-    "FAMILIES",
     "SCHEDULES",
     "SINGLE_STAGE_SCHEDULES",
     "V_SCHEDULES",
@@ -84,107 +83,40 @@ SINGLE_STAGE_SCHEDULES = frozenset(n for n, c in SCHEDULES.items() if issubclass
 V_SCHEDULES = frozenset({"zbv_zero_bubble", "dualpipev"})
 """Schedules that place two stages per rank in a "V": rank ``r`` runs stages ``r`` and ``2p - 1 - r``."""
 
-FAMILIES = ("sequential", "gpt2", "bert", "llama")
-"""Model families with an automatic split (see :func:`plan_pipeline`)."""
-
 
 # ---------------------------------------------------------------------------------------------------
-# Families: where the blocks are, what the first and last stage own, and how a stage runs.
+# Families: the layout and stage forward come from the model's family spec (parallel/families/).
 # ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Layout:
-    """Module FQNs of a family: the repeated blocks (in order) and the first/last stages' extras."""
-
-    units: list[list[str]]  # blocks in execution order; a stage owns a contiguous run of them
-    pre: list[str]  # embeddings, owned by the first stage
-    post: list[str]  # final norm and head, owned by the last stage
-
-
-_BLOCK_LISTS = {"gpt2": "transformer.h", "bert": "bert.encoder.layer", "llama": "model.layers"}
-_HEADS = {
-    "gpt2": "GPT2LMHeadModel, GPT2ForSequenceClassification",
-    "bert": "BertForSequenceClassification (with its pooler)",
-    "llama": "LlamaForCausalLM",
-}
-
-
-def _blocks(model: nn.Module, family: str) -> list[list[str]]:
-    path = _BLOCK_LISTS[family]
-    return [[f"{path}.{i}"] for i in range(len(model.get_submodule(path)))]
-
-
-def _sequential_units(model: nn.Module, split_points: Sequence[str] | None) -> list[list[str]]:
-    names = [name for name, _ in model.named_children()]
-    if split_points is not None:
-        return [[n] for n in names]
-    # A parameter-free child (activation, pooling, flatten) rides with the parameterized layer before it,
-    # so "layers" are the layers with weights and no stage is made of a lone ReLU.
-    units: list[list[str]] = []
-    pending: list[str] = []
-    for name in names:
-        has_params = any(True for _ in model.get_submodule(name).parameters())
-        if has_params:
-            units.append(pending + [name])
-            pending = []
-        elif units:
-            units[-1].append(name)
-        else:
-            pending.append(name)
-    if pending:  # no parameterized child at all
-        units.append(pending)
-    return units
-
-
-def _layout(model: nn.Module, family: str, split_points: Sequence[str] | None) -> _Layout:
-    if family == "sequential":
-        if not isinstance(model, nn.Sequential):
-            raise ConfigurationError(f"family='sequential' needs an nn.Sequential, got {type(model).__name__}.")
-        return _Layout(_sequential_units(model, split_points), [], [])
-    if family not in _BLOCK_LISTS:
-        raise ConfigurationError(f"family={family!r} is unknown; valid: {list(FAMILIES)}.")
+def _detect(model: nn.Module) -> ModelFamily:
     try:
-        if family == "gpt2":
-            head = "lm_head" if hasattr(model, "lm_head") else "score"
-            layout = _Layout(
-                _blocks(model, family), ["transformer.wte", "transformer.wpe", "transformer.drop"],
-                ["transformer.ln_f", head],
-            )
-        elif family == "bert":
-            layout = _Layout(_blocks(model, family), ["bert.embeddings"], ["bert.pooler", "dropout", "classifier"])
-        else:
-            # model.rotary_emb has buffers only and is kept on every stage (each recomputes its cos/sin).
-            layout = _Layout(_blocks(model, family), ["model.embed_tokens"], ["model.norm", "lm_head"])
-        for fqn in layout.pre + layout.post:
-            if not isinstance(model.get_submodule(fqn), nn.Module):
-                raise AttributeError(f"{fqn} is not a module")
-    except AttributeError as err:
+        return get_family(model)
+    except ConfigurationError as err:
         raise ConfigurationError(
-            f"family={family!r} does not match {type(model).__name__}: {err}. Pipeline heads supported: "
-            f"{_HEADS[family]}."
-        ) from err
-    return layout
-
-
-def _resolve_family(model: nn.Module, family: str | None, split_points: Sequence[str] | None) -> str:
-    if family is not None:
-        if family not in FAMILIES:
-            raise ConfigurationError(f"family={family!r} is unknown; valid: {list(FAMILIES)}.")
-        return family
-    try:
-        return detect_family(model)
-    except ConfigurationError:
-        config = getattr(model, "config", None)
-        what = type(model).__name__ + (f" (model_type={config.model_type!r})" if config is not None else "")
-        raise ConfigurationError(
-            f"pipeline parallelism cannot split {what}: supported families are {list(FAMILIES)} "
-            "(nn.Sequential, GPT2LMHeadModel/GPT2ForSequenceClassification, BertForSequenceClassification, "
-            "LlamaForCausalLM). For a supported family you may choose the stage boundaries with "
-            "split_points=['transformer.h.4', ...] (FQNs of the blocks where a new stage begins; for an "
-            "nn.Sequential the child indices, e.g. split_points=['3']); any other model must be written as an "
-            "nn.Sequential of its blocks, or given a family in lit_parallel/parallel/pipeline.py "
-            "(see docs/pipeline.md, 'Adding a family')."
+            f"pipeline parallelism cannot split {type(model).__name__}: {err} For a supported family you may "
+            "choose the stage boundaries with split_points=['transformer.h.4', ...] (FQNs of the blocks where "
+            "a new stage begins; for an nn.Sequential the child indices, e.g. split_points=['3'])."
         ) from None
 
+
+def _spec(model: nn.Module, family: str | None) -> ModelFamily:
+    spec = get_family(model, family) if family is not None else _detect(model)
+    if spec.pipeline_layout is None or spec.build_stage is None:
+        raise ConfigurationError(
+            f"model family {spec.name!r} declares no pipeline layout (pipeline_layout and build_stage of its "
+            "ModelFamily); add them (docs/hybrid.md, 'Adding a model family') or use pipeline_parallel_size=1."
+        )
+    return spec
+
+
+def _layout(model: nn.Module, spec: ModelFamily, split_points: Sequence[str] | None) -> PipelineLayout:
+    assert spec.pipeline_layout is not None
+    try:
+        return spec.pipeline_layout(model, split_points)
+    except AttributeError as err:
+        raise ConfigurationError(
+            f"family={spec.name!r} does not match {type(model).__name__}: {err}. Pipeline heads supported: "
+            f"{spec.pipeline_heads}."
+        ) from err
 
 # ---------------------------------------------------------------------------------------------------
 # Plan
@@ -194,7 +126,7 @@ class PipelinePlan:
     """Which modules each pipeline stage owns, by their FQNs in the unsplit model.
 
     Attributes:
-        family: the model family (one of :data:`FAMILIES`).
+        family: the model family's name (:mod:`lit_parallel.parallel.families`).
         stages: per stage, the FQNs of the modules it owns (embeddings on stage 0, final norm and head on
             the last). Parameter-free modules outside every list (e.g. Llama's rotary embedding) are
             kept on every stage.
@@ -204,6 +136,8 @@ class PipelinePlan:
             its own copy; :func:`reduce_tied_gradients` sums their gradients so the copies stay equal.
         tied_shapes: the shape of each tied group's tensor (ranks owning no member need it to join the
             all-reduce).
+        stage_blocks: per stage, the owned FQNs that are layout units (blocks), in execution order: what
+            the family's stage forward runs between the first stage's embeddings and the last's head.
     """
 
     family: str
@@ -211,6 +145,7 @@ class PipelinePlan:
     parameter_counts: tuple[int, ...]
     tied_parameters: tuple[tuple[str, ...], ...] = ()
     tied_shapes: tuple[tuple[int, ...], ...] = ()
+    stage_blocks: tuple[tuple[str, ...], ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -280,7 +215,8 @@ def plan_pipeline(
     Args:
         model: the full model (``nn.Sequential`` or a supported Hugging Face model).
         num_stages: total number of stages (pipeline ranks times virtual stages per rank).
-        family: one of :data:`FAMILIES`; detected from the model when ``None``.
+        family: a registered family name (:func:`~lit_parallel.parallel.families.family_names`); detected
+            from the model when ``None``.
         split_points: FQNs of the blocks where a new stage begins, e.g. ``["transformer.h.4"]`` for GPT-2 or
             ``["3"]`` for an ``nn.Sequential`` (child index); ``num_stages - 1`` of them, in order.
 
@@ -298,8 +234,9 @@ def plan_pipeline(
     """
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
         raise ConfigurationError(f"num_stages={num_stages!r} is invalid; valid: a positive integer.")
-    family = _resolve_family(model, family, split_points)
-    layout = _layout(model, family, split_points)
+    spec = _spec(model, family)
+    family = spec.name
+    layout = _layout(model, spec, split_points)
     units = layout.units
     if num_stages > len(units):
         raise ConfigurationError(
@@ -310,18 +247,20 @@ def plan_pipeline(
         starts = _starts_from_split_points(units, num_stages, split_points)
     else:
         weights = [_count(model, u) for u in units]
-        starts = _balanced_boundaries(weights, _count(model, layout.pre), _count(model, layout.post), num_stages)
+        starts = _balanced_boundaries(weights, _count(model, layout.first), _count(model, layout.last), num_stages)
     ends = starts[1:] + [len(units)]
     stages: list[tuple[str, ...]] = []
+    blocks: list[tuple[str, ...]] = []
     for s, (i, j) in enumerate(zip(starts, ends, strict=True)):
         owned = [f for u in units[i:j] for f in u]
-        owned = (layout.pre if s == 0 else []) + owned + (layout.post if s == num_stages - 1 else [])
+        blocks.append(tuple(owned))
+        owned = (layout.first if s == 0 else []) + owned + (layout.last if s == num_stages - 1 else [])
         stages.append(tuple(owned))
     counts = tuple(_count(model, s) for s in stages)
-    plan = PipelinePlan(family, tuple(stages), counts)
+    plan = PipelinePlan(family, tuple(stages), counts, stage_blocks=tuple(blocks))
     _check_coverage(model, plan)
     tied, shapes = _tied_groups(model, plan)
-    return PipelinePlan(family, plan.stages, counts, tied, shapes)
+    return PipelinePlan(family, plan.stages, counts, tied, shapes, plan.stage_blocks)
 
 
 def _starts_from_split_points(units: list[list[str]], num_stages: int, split_points: Sequence[str]) -> list[int]:
@@ -349,7 +288,7 @@ def _check_coverage(model: nn.Module, plan: PipelinePlan) -> None:
         except KeyError:
             raise ConfigurationError(
                 f"parameter {name!r} of {type(model).__name__} is in no pipeline stage; the {plan.family} family "
-                "does not know this module (see docs/pipeline.md, 'Adding a family')."
+                "does not know this module (see docs/hybrid.md, 'Adding a model family')."
             ) from None
 
 
@@ -472,162 +411,16 @@ def validate_pipeline(
     if problem:
         raise ConfigurationError(problem)
     num_stages = pp_size * virtual_stages
-    resolved = _resolve_family(model, family, split_points)
-    n_layers = len(_layout(model, resolved, split_points).units)
+    spec = _spec(model, family)
+    n_layers = len(_layout(model, spec, split_points).units)
     if virtual_stages > 1 and n_layers < num_stages:
         raise ConfigurationError(
             f"pipeline_schedule={schedule!r} with pp={pp_size} x virtual_stages={virtual_stages} = {num_stages} "
             f"stages needs at least one layer per virtual stage but the model has {n_layers} layers; "
             f"valid: virtual_stages <= {max(1, n_layers // pp_size)}."
         )
-    plan_pipeline(model, num_stages, resolved, split_points)
+    plan_pipeline(model, num_stages, spec.name, split_points)
 
-
-# ---------------------------------------------------------------------------------------------------
-# Stage modules
-# ---------------------------------------------------------------------------------------------------
-class _SequentialStage(nn.Module):
-    """A run of an ``nn.Sequential``'s children; the first takes ``x``, the last returns the logits."""
-
-    def __init__(self, modules: list[nn.Module]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(modules)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-class _HFStage(nn.Module):
-    """Base of the Hugging Face stages: ``blocks`` are the owned layers, ``config`` the inner model's."""
-
-    def __init__(self, config: Any, blocks: list[nn.Module], is_first: bool, is_last: bool) -> None:
-        super().__init__()
-        self.config = config
-        self.blocks = nn.ModuleList(blocks)
-        self.is_first, self.is_last = is_first, is_last
-
-    @staticmethod
-    def _mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        # Only tensors travel between stages, so "no mask" becomes an all-ones mask (same attention).
-        if attention_mask is None:
-            return torch.ones_like(input_ids, dtype=torch.long)
-        return attention_mask.to(torch.long).view(input_ids.shape[0], -1)
-
-
-class _GPT2Stage(_HFStage):
-    """GPT-2: first stage takes ``(input_ids, attention_mask=None)``; others ``(hidden, mask[, input_ids])``."""
-
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], is_first: bool, is_last: bool) -> None:
-        super().__init__(model.transformer.config, blocks, is_first, is_last)
-        self.classify = not hasattr(model, "lm_head")
-        if is_first:
-            self.wte, self.wpe, self.drop = model.transformer.wte, model.transformer.wpe, model.transformer.drop
-        if is_last:
-            self.ln_f = model.transformer.ln_f
-            self.head = model.score if self.classify else model.lm_head
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        from transformers.masking_utils import create_causal_mask
-
-        if self.is_first:
-            input_ids = args[0]
-            mask = self._mask(input_ids, args[1] if len(args) > 1 else None)
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-            hidden = self.drop(self.wte(input_ids) + self.wpe(positions))
-        else:
-            hidden, mask = args[0], args[1]
-            input_ids = args[2] if self.classify else None
-            positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        causal = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=positions
-        )
-        for block in self.blocks:
-            hidden = block(hidden, attention_mask=causal, position_ids=positions)
-        if not self.is_last:
-            return (hidden, mask, input_ids) if self.classify else (hidden, mask)
-        logits = self.head(self.ln_f(hidden))
-        if not self.classify:
-            return logits
-        return logits[torch.arange(logits.shape[0], device=logits.device), self._last_token(input_ids)]
-
-    def _last_token(self, input_ids: torch.Tensor) -> torch.Tensor | int:
-        # As GPT2ForSequenceClassification: the rightmost token that is not padding.
-        if self.config.pad_token_id is None:
-            return -1
-        non_pad = (input_ids != self.config.pad_token_id).to(torch.int32)
-        return (torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32) * non_pad).argmax(-1)
-
-
-class _BertStage(_HFStage):
-    """BERT classifier: first stage takes ``(input_ids, attention_mask=None, token_type_ids=None)``."""
-
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], is_first: bool, is_last: bool) -> None:
-        super().__init__(model.bert.config, blocks, is_first, is_last)
-        if is_first:
-            self.embeddings = model.bert.embeddings
-        if is_last:
-            self.pooler, self.dropout, self.classifier = model.bert.pooler, model.dropout, model.classifier
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-
-        if self.is_first:
-            input_ids = args[0]
-            mask = self._mask(input_ids, args[1] if len(args) > 1 else None)
-            token_type_ids = args[2] if len(args) > 2 else None
-            hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        else:
-            hidden, mask = args
-        # The 2-d padding mask travels; each stage expands it to the attention mask its layers take.
-        if self.config.is_decoder:
-            extended = create_causal_mask(
-                config=self.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None
-            )
-        else:
-            extended = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
-        for block in self.blocks:
-            hidden = block(hidden, extended)
-        if not self.is_last:
-            return hidden, mask
-        return self.classifier(self.dropout(self.pooler(hidden)))
-
-
-class _LlamaStage(_HFStage):
-    """Llama causal LM: first stage takes ``(input_ids, attention_mask=None)``; others ``(hidden, mask)``."""
-
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], is_first: bool, is_last: bool) -> None:
-        super().__init__(model.model.config, blocks, is_first, is_last)
-        # Parameter-free (buffers only), shared by every stage of the rank.
-        self.rotary_emb = model.model.rotary_emb
-        if is_first:
-            self.embed_tokens = model.model.embed_tokens
-        if is_last:
-            self.norm, self.lm_head = model.model.norm, model.lm_head
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        from transformers.masking_utils import create_causal_mask
-
-        if self.is_first:
-            input_ids = args[0]
-            mask = self._mask(input_ids, args[1] if len(args) > 1 else None)
-            hidden = self.embed_tokens(input_ids)
-        else:
-            hidden, mask = args
-        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        causal = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=positions
-        )
-        rotary = self.rotary_emb(hidden, position_ids=positions)
-        for block in self.blocks:
-            hidden = block(hidden, attention_mask=causal, position_embeddings=rotary, position_ids=positions)
-        if not self.is_last:
-            return hidden, mask
-        return self.lm_head(self.norm(hidden))
-
-
-_STAGE_CLASSES: dict[str, Callable[..., nn.Module]] = {"gpt2": _GPT2Stage, "bert": _BertStage, "llama": _LlamaStage}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -691,12 +484,10 @@ def build_local_model(
 
 
 def _stage_module(model: nn.Module, plan: PipelinePlan, stage: int) -> nn.Module:
-    owned = plan.stages[stage]
-    if plan.family == "sequential":
-        return _SequentialStage([model.get_submodule(f) for f in owned])
-    prefix = _BLOCK_LISTS[plan.family] + "."
-    blocks = [model.get_submodule(f) for f in owned if f.startswith(prefix) and f[len(prefix):].isdigit()]
-    return _STAGE_CLASSES[plan.family](model, blocks, stage == 0, stage == plan.num_stages - 1)
+    build = get_family(name=plan.family).build_stage
+    assert build is not None
+    blocks = [model.get_submodule(f) for f in plan.stage_blocks[stage]]
+    return build(model, blocks, stage == 0, stage == plan.num_stages - 1)
 
 
 def reduce_tied_gradients(

@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.data_parallel import GradientSynchronizer, local_tensor
+from lit_parallel.parallel.families import ModelFamily, family_names, get_family
 from lit_parallel.parallel.local_sgd import (
     DiLoCo,
     DiLoCoState,
@@ -44,13 +45,16 @@ from lit_parallel.parallel.local_sgd import (
     check_threaded_backend,
 )
 from lit_parallel.parallel.mesh import ParallelDims, build_mesh
+from lit_parallel.parallel.pipeline_runtime import PipelineRuntime, positional_inputs
 from lit_parallel.strategies._launch import (
     check_replicas_after_round,
     check_replicas_now,
     connect,
     exit_watchdog,
+    mesh_layer_sync,
     replica_check_interval,
 )
+from lit_parallel.strategies._modules import check_pipeline_module, find_networks, guard_direct_calls
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -74,8 +78,13 @@ _PRESETS = {
 class HybridParallelStrategy(ParallelStrategy):
     """Data × tensor × pipeline parallelism on one ``("pp", "dp", "tp")`` DeviceMesh.
 
-    The LightningModule must keep its network in ``self.model`` and implement ``model_inputs``,
-    ``loss_target`` and ``loss_fn`` (all modules of :mod:`lit_parallel.models` do). At setup the
+    Any LightningModule trains with ``pipeline_parallel_size=1``: its own ``training_step`` runs, data
+    parallelism needs nothing from it, and tensor parallelism is applied to the networks a registered model
+    family covers among its submodules (``nn.Sequential``, Hugging Face BERT / GPT-2 / Llama / Qwen2 /
+    Mistral / Qwen3, or one added with :func:`~lit_parallel.register_family`), unless ``configure_model``
+    already sharded them with ``self.device_mesh["tp"]``. Pipeline parallelism runs the network itself:
+    the module keeps it in ``self.model`` and implements ``model_inputs``, ``loss_target`` and ``loss_fn``
+    (all modules of :mod:`lit_parallel.models` do; the error says what is missing). At setup the
     network, built in full on every rank from the same seed, is split into pipeline stages, each
     stage's layers are sharded over the tensor-parallel ranks with DTensor, and gradients are averaged
     over the data-parallel ranks only (optionally compressed). Parameter names stay those of the
@@ -207,8 +216,10 @@ class HybridParallelStrategy(ParallelStrategy):
         self.dims: ParallelDims | None = None
         self._device_mesh: DeviceMesh | None = None
         self._grad_sync: GradientSynchronizer | None = None
-        self._pipeline: _PipelineRuntime | None = None
+        self._pipeline: PipelineRuntime | None = None
         self._parallelized: weakref.ref[Any] | None = None
+        self._accumulating = False  # inside block_backward_sync: a gradient-accumulation micro-step
+        self._synced = False
 
     # -- sizes and groups --------------------------------------------------------------------------
     @property
@@ -379,66 +390,60 @@ class HybridParallelStrategy(ParallelStrategy):
         """Whether this module was already split and sharded by this strategy (fit, then test)."""
         return self._parallelized is not None and self._parallelized() is self.lightning_module
 
-    def _network(self) -> nn.Module:
-        module = self.lightning_module
-        net = getattr(module, "model", None)
-        if not isinstance(net, nn.Module):
-            raise ConfigurationError(
-                f"{type(self).__name__} needs the LightningModule to keep its network in `self.model` "
-                f"(got {type(net).__name__}); subclass lit_parallel.models.ParallelModule."
-            )
-        for hook in ("model_inputs", "loss_target", "loss_fn"):
-            if not callable(getattr(module, hook, None)):
-                raise ConfigurationError(
-                    f"{type(module).__name__} lacks `{hook}`; {type(self).__name__} needs model_inputs, "
-                    "loss_target and loss_fn (see lit_parallel.models.ParallelModule)."
-                )
-        return net
+    def _networks(self) -> dict[str, nn.Module]:
+        """The networks the strategy splits, by attribute path in the LightningModule (see :func:`find_networks`)."""
+        return find_networks(self.lightning_module, pipeline=self.dims is not None and self.dims.pp > 1)
 
-    def _family(self, net: nn.Module) -> str:
-        if self.model_family != "auto":
-            return self.model_family
-        from lit_parallel.parallel.tensor_parallel import detect_family
-
-        return detect_family(net)
+    def _family(self, net: nn.Module) -> ModelFamily:
+        return get_family(net, self.model_family)
 
     def _validate_model(self) -> None:
         assert self.dims is not None
         if self.dims.tp == 1 and self.dims.pp == 1:
             return
-        net = self._network()
-        family = self._family(net) if (self.auto_tensor_parallel or self.split_points is None) else None
-        if self.dims.tp > 1 and self.auto_tensor_parallel:
-            from lit_parallel.parallel.tensor_parallel import validate_tensor_parallel
-
-            validate_tensor_parallel(net, self.dims.tp, family)
         if self.dims.pp > 1:
-            from lit_parallel.parallel.pipeline import validate_pipeline
+            check_pipeline_module(self.lightning_module, type(self).__name__)
+        for net in self._networks().values():
+            if self.dims.tp > 1 and self.auto_tensor_parallel and not _has_dtensors(net):
+                from lit_parallel.parallel.tensor_parallel import validate_tensor_parallel
 
-            validate_pipeline(
-                net, self.dims.pp, self.virtual_pipeline_stages, self.pipeline_schedule, self.num_microbatches,
-                None, family, self.split_points,
-            )
+                validate_tensor_parallel(net, self.dims.tp, self._family(net).name)
+            if self.dims.pp > 1:
+                from lit_parallel.parallel.pipeline import validate_pipeline
+
+                family = None if self.split_points is not None and self.model_family == "auto" else self._family(net)
+                validate_pipeline(
+                    net, self.dims.pp, self.virtual_pipeline_stages, self.pipeline_schedule, self.num_microbatches,
+                    None, None if family is None else family.name, self.split_points,
+                )
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.dims is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        net = self._network()
         if self._is_parallelized():
             self.model = module
             self._finish_setup(trainer)
             return
-        user_parallelized = any(_is_dtensor(p) for p in net.parameters())
-        if self.dims.pp > 1:
-            net = self._setup_pipeline(net)
-        if self.dims.tp > 1 and self.auto_tensor_parallel and not user_parallelized:
-            from lit_parallel.parallel.tensor_parallel import apply_tensor_parallel
+        for path, net in self._networks().items():
+            user_parallelized = _has_dtensors(net)  # a plan applied in configure_model
+            if self.dims.pp > 1:
+                net = self._setup_pipeline(net)
+            if self.dims.tp > 1 and self.auto_tensor_parallel and not user_parallelized:
+                from lit_parallel.parallel.tensor_parallel import apply_tensor_parallel
 
-            apply_tensor_parallel(net, self.device_mesh["tp"], self._family(net) if self.model_family == "auto"
-                                  else self.model_family)
-        module.model = net
+                apply_tensor_parallel(net, self.device_mesh["tp"], self._family(net).name)
+            _set_submodule(module, path, net)
+        if self.dims.tp > 1 and not _has_dtensors(module):
+            raise ConfigurationError(
+                f"tensor_parallel_size={self.dims.tp} but {type(module).__name__} holds no network a model family "
+                f"covers (registered: {family_names()}) and configure_model applied no plan; shard it yourself in "
+                "configure_model with self.device_mesh['tp'] (docs/hybrid.md, 'Your own LightningModule'), keep it "
+                "in self.model with model_family=..., or use tensor_parallel_size=1."
+            )
+        if self._layer_sync is not None:
+            module = mesh_layer_sync(self._layer_sync, self.data_parallel_group).apply(module)
         self.model = self.precision_plugin.convert_module(module)
         self.model_to_device()
         if self._grad_sync is not None:
@@ -494,13 +499,15 @@ class HybridParallelStrategy(ParallelStrategy):
         from lit_parallel.parallel.pipeline import build_local_model, plan_pipeline, stage_ids_for_rank
 
         assert self.dims is not None
-        family = self._family(net) if self.split_points is None or self.model_family != "auto" else None
+        family = None if self.split_points is not None and self.model_family == "auto" else self._family(net).name
         num_stages = self.dims.pp * self.virtual_pipeline_stages
         plan = plan_pipeline(net, num_stages, family=family, split_points=self.split_points)
         pp_rank = self.device_mesh["pp"].get_local_rank()
         stage_ids = stage_ids_for_rank(pp_rank, self.dims.pp, self.pipeline_schedule, self.virtual_pipeline_stages)
         local_model, stage_modules = build_local_model(net, plan, stage_ids)
-        self._pipeline = _PipelineRuntime(self, plan, stage_ids, stage_modules, num_stages)
+        guard_direct_calls(local_model)
+        self._pipeline = PipelineRuntime(plan, stage_ids, stage_modules, self.pipeline_parallel_group,
+                                         self.root_device, self.pipeline_schedule, self.num_microbatches)
         return local_model
 
     @override
@@ -525,23 +532,50 @@ class HybridParallelStrategy(ParallelStrategy):
             args, kwargs = module.model_inputs(batch)
             outputs = module.model(*args, **kwargs)
             return module.compute_loss(outputs, batch), outputs
-        return self._pipeline.run(module, batch)
+        runtime = self._pipeline
+        args, kwargs = module.model_inputs(batch)
+        stage_inputs = get_family(name=runtime.plan.family).stage_inputs
+        inputs = positional_inputs(stage_inputs, args, kwargs) if runtime.has_first else ()
+        target = module.loss_target(batch)
+        if module.training and torch.is_grad_enabled():
+            params = [p for p in module.parameters() if p.requires_grad]
+            # Lightning's precision backward (which applies the fp16 loss scale) does not run the schedule's
+            # backward, so the scale and Lightning's 1/accumulation go into the schedule's loss.
+            loss = runtime.train_step(inputs, target, module.loss_fn, params, module.trainer.accumulate_grad_batches,
+                                      scale_loss=self.precision_plugin.scale_loss)
+            return loss, None
+        return runtime.eval_step(inputs, target, module.loss_fn)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        """Lightning's backward, in every layout: hooks fire, then full gradients are on ``.grad``.
+
+        Under a pipeline the schedule already ran every microbatch's backward inside ``training_step``
+        (Lightning zeroes gradients between ``training_step`` and ``backward``, so they were set aside until
+        now). On the last backward before an optimizer step, tied-weight sums and the data-parallel average
+        finish here, so ``on_after_backward`` sees the gradients a single process would have.
+        """
+        module = self.lightning_module
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         if self._pipeline is not None:
-            # The schedule already ran every microbatch's backward inside training_step; Lightning
-            # zeroes gradients between training_step and backward, so they were set aside until now.
             self._pipeline.restore_gradients()
-            return closure_loss
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
+        else:
+            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+        if not self._accumulating:
+            self.sync_gradients()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
                        **kwargs: Any) -> Any:
         def closure_then_sync() -> Any:
+            self._synced = False
             result = closure()
-            self.sync_gradients()
+            if not self._synced:  # no backward ran (training_step returned None)
+                self.sync_gradients()
             return result
 
         output = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
@@ -555,19 +589,21 @@ class HybridParallelStrategy(ParallelStrategy):
     def block_backward_sync(self) -> Generator[None, None, None]:
         """Gradient accumulation: no overlapped all-reduce until the step's last backward."""
         sync = self._grad_sync
-        if sync is None:
-            yield
-            return
-        sync.enabled = False
+        self._accumulating = True
+        if sync is not None:
+            sync.enabled = False
         try:
             yield
         finally:
-            sync.enabled = True
+            self._accumulating = False
+            if sync is not None:
+                sync.enabled = True
 
     def sync_gradients(self) -> None:
         """Sum tied parameters' gradients across the stages that share them, then average over dp."""
+        self._synced = True
         if self._pipeline is not None:
-            self._pipeline.sync_tied_gradients(self.lightning_module)
+            self._pipeline.sync_tied_gradients(self.lightning_module.model)
         if self._grad_sync is not None:
             self._grad_sync.sync()
             if self.compressor is not None:
@@ -775,7 +811,8 @@ class HybridParallelStrategy(ParallelStrategy):
         """The full, unsplit network state dict (original FQNs) on global rank 0; ``None`` elsewhere."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        net = self.lightning_module.model
+        net = getattr(self.lightning_module, "model", None)
+        net = net if isinstance(net, nn.Module) else self.lightning_module
         local = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
         assert self.dims is not None
         coords = self.dims.coordinates(self.global_rank)
@@ -797,156 +834,17 @@ class HybridParallelStrategy(ParallelStrategy):
                                        **kwargs)
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
+def _has_dtensors(net: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
-    return isinstance(tensor, DTensor)
+    return any(isinstance(p, DTensor) for p in net.parameters())
 
 
-class _PipelineRuntime:
-    """Stages, schedules and tied-weight groups of this rank (private to the strategy)."""
-
-    def __init__(self, strategy: HybridParallelStrategy, plan: Any, stage_ids: list[int],
-                 stage_modules: list[nn.Module], num_stages: int) -> None:
-        self.strategy, self.plan, self.stage_ids = strategy, plan, stage_ids
-        self.stage_modules, self.num_stages = stage_modules, num_stages
-        self.has_first = 0 in stage_ids
-        self.has_last = num_stages - 1 in stage_ids
-        self._schedules: dict[tuple[Any, ...], Any] = {}
-        self._microbatch_losses: list[Tensor] = []
-        self._pending: list[tuple[nn.Parameter, Tensor | None]] = []
-        self._loss_scale = 1.0
-        pp_group = strategy.pipeline_parallel_group
-        self.last_rank = dist.get_global_rank(pp_group, strategy.pipeline_parallel_size - 1)
-        self.pp_group = pp_group
-
-    def sync_tied_gradients(self, module: nn.Module) -> None:
-        """Give every copy of a weight tied across stages the sum of all copies' gradients."""
-        from lit_parallel.parallel.pipeline import reduce_tied_gradients
-
-        if self.plan.tied_parameters:
-            reduce_tied_gradients(module.model, self.plan, group=self.pp_group)
-
-    @torch.no_grad()
-    def restore_gradients(self) -> None:
-        """Add the gradients of the last training schedule to whatever ``.grad`` holds now."""
-        for param, grad in self._pending:
-            if grad is not None:
-                param.grad = grad if param.grad is None else param.grad + grad
-        self._pending = []
-
-    def _schedule(self, module: Any, training: bool, batch_size: int) -> Any:
-        from torch.distributed.pipelining import PipelineStage
-
-        from lit_parallel.parallel.pipeline import build_schedule
-
-        key = (training, batch_size)
-        if key not in self._schedules:
-            stages = [
-                PipelineStage(mod, stage_index=sid, num_stages=self.num_stages, device=self.strategy.root_device,
-                              group=self.pp_group)
-                for mod, sid in zip(self.stage_modules, self.stage_ids, strict=True)
-            ]
-            loss_fn = self._loss_fn(module) if training else None
-            # scale_grads=False: the loss carries 1/microbatches (and Lightning's 1/accumulation),
-            # so gradients accumulated over several batches are not rescaled by the schedule.
-            self._schedules[key] = build_schedule(
-                self.strategy.pipeline_schedule, stages, self.strategy.num_microbatches, loss_fn, scale_grads=False
-            )
-        return self._schedules[key]
-
-    def _loss_fn(self, module: Any) -> Callable[[Tensor, Tensor], Tensor]:
-        def loss_fn(output: Tensor, target: Tensor) -> Tensor:
-            loss = module.loss_fn(output, target)
-            self._microbatch_losses.append(loss.detach())
-            loss = loss * self._loss_scale
-            # Lightning's precision backward (which applies the fp16 loss scale) is skipped under a
-            # pipeline, so the scale goes into the schedule's loss instead.
-            scale_loss = getattr(self.strategy.precision_plugin, "scale_loss", None)
-            return scale_loss(loss) if scale_loss is not None else loss
-
-        return loss_fn
-
-    def run(self, module: Any, batch: Any) -> tuple[Tensor, Any]:
-        args, kwargs = module.model_inputs(batch)
-        if self.has_first:
-            args, kwargs = _positional_inputs(args, kwargs), {}
-        target = module.loss_target(batch)
-        batch_size = int(target.shape[0])
-        m = self.strategy.num_microbatches
-        if batch_size % m:
-            raise ConfigurationError(
-                f"batch size {batch_size} is not divisible by num_microbatches={m}; choose a per-rank batch size "
-                f"that is a multiple of {m} (or set num_microbatches to a divisor of {batch_size})."
-            )
-        training = module.training and torch.is_grad_enabled()
-        schedule = self._schedule(module, training, batch_size)
-        inputs = args if self.has_first else ()
-        extra = kwargs if self.has_first else {}
-        device = self.strategy.root_device
-        if training:
-            trainer = module.trainer
-            # Lightning divides the loss by the accumulation factor before its backward; the schedule
-            # runs the backward itself, so the same factor (and 1/microbatches) goes into its loss.
-            self._loss_scale = 1.0 / (m * trainer.accumulate_grad_batches)
-            self._microbatch_losses = []
-            params = [p for p in module.parameters() if p.requires_grad]
-            earlier = [p.grad for p in params]  # gradients accumulated by previous batches
-            for p in params:
-                p.grad = None
-            schedule.step(*inputs, target=target if self.has_last else None, **extra)
-            self._pending = [(p, p.grad) for p in params]
-            for p, grad in zip(params, earlier, strict=True):
-                p.grad = grad
-            # The first step also calls loss_fn once for metadata inference: keep the last m calls.
-            losses = self._microbatch_losses[-m:]
-            loss = torch.stack(losses).mean() if self.has_last else torch.zeros((), device=device)
-            dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
-            return loss, None
-        with torch.no_grad():
-            output = schedule.step(*inputs, **extra)
-        if self.has_last:
-            loss = module.loss_fn(output, target).detach().float()
-            shape = torch.tensor(output.shape, dtype=torch.long, device=device)
-            ndim = torch.tensor([output.ndim], dtype=torch.long, device=device)
-            dtype_code = torch.tensor([_DTYPES.index(output.dtype)], device=device)
-        else:
-            loss = torch.zeros((), device=device)
-            ndim = torch.zeros(1, dtype=torch.long, device=device)
-            dtype_code = torch.zeros(1, dtype=torch.long, device=device)
-        for t in (loss, ndim, dtype_code):
-            dist.broadcast(t, src=self.last_rank, group=self.pp_group)
-        if not self.has_last:
-            shape = torch.zeros(int(ndim.item()), dtype=torch.long, device=device)
-        dist.broadcast(shape, src=self.last_rank, group=self.pp_group)
-        if not self.has_last:
-            output = torch.empty(tuple(shape.tolist()), dtype=_DTYPES[int(dtype_code.item())], device=device)
-        dist.broadcast(output.contiguous(), src=self.last_rank, group=self.pp_group)
-        return loss, output
-
-
-# Order in which HF-style keyword inputs reach a first pipeline stage (only tensors travel positionally).
-_HF_INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def _positional_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    unknown = sorted(set(kwargs) - set(_HF_INPUT_ORDER))
-    if unknown:
-        raise ConfigurationError(
-            f"model_inputs returned keyword inputs {unknown} that a pipeline stage cannot take; "
-            f"valid: positional tensors or {list(_HF_INPUT_ORDER)}."
-        )
-    present = [k for k in _HF_INPUT_ORDER if kwargs.get(k) is not None]
-    values = []
-    for key in _HF_INPUT_ORDER[: _HF_INPUT_ORDER.index(present[-1]) + 1] if present else ():
-        value = kwargs.get(key)
-        if value is None and key == "attention_mask":
-            value = torch.ones_like(kwargs["input_ids"])  # the same attention as no mask
-        values.append(value)
-    return (*args, *values)
-
-
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+def _set_submodule(module: nn.Module, path: str, net: nn.Module) -> None:
+    if not path:
+        return
+    parent, _, name = path.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, name, net)
 
 
 _DP_SYNC_NAMES = {"exact": None, "local_sgd": LocalSGD, "diloco": DiLoCo}

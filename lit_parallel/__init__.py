@@ -4,9 +4,11 @@ Importing the package registers its strategy names with Lightning (``Trainer(str
 """
 
 from lit_parallel.errors import ConfigurationError, MissingDataError
+from lit_parallel.parallel.families import ModelFamily, register_family
 from lit_parallel.parallel.local_sgd import DiLoCo, LocalSGD
 from lit_parallel.strategies import *  # noqa: F403  (registers the strategies)
 from lit_parallel.strategies import __all__ as _strategies_all
 
 __version__ = "0.1.0"
-__all__ = ["ConfigurationError", "DiLoCo", "LocalSGD", "MissingDataError", "__version__", *_strategies_all]
+__all__ = ["ConfigurationError", "DiLoCo", "LocalSGD", "MissingDataError", "ModelFamily", "__version__", "register_family",
+           *_strategies_all]

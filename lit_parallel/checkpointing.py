@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from lit_parallel.parallel.sharded_checkpoint import META_FILE
+
 __all__ = [
     "INCOMPLETE_SUFFIX",
     "capture_rng_state",
@@ -37,7 +39,7 @@ __all__ = [
 # Suffix of a checkpoint that is still being written (renamed away once complete on every rank).
 INCOMPLETE_SUFFIX = ".incomplete"
 _DCP_META = ".metadata"
-_LIGHTNING_META = "meta.pt"
+_LIGHTNING_META = META_FILE
 
 
 def _zip_problem(path: Path) -> str | None:

@@ -8,11 +8,14 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import ClusterEnvironment
+from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed import ProcessGroup
 
 from lit_parallel.parallel.process_group import init_process_group
+from lit_parallel.plugins.sync_batchnorm import MeshSyncBatchNorm
 
-__all__ = ["connect", "RestartSafeDDPMixin"]
+__all__ = ["connect", "mesh_layer_sync", "RestartSafeDDPMixin"]
 
 
 def connect(cluster_environment: ClusterEnvironment, backend: str, timeout: timedelta, device: torch.device) -> None:
@@ -48,9 +51,47 @@ def exit_watchdog(world_size: int) -> None:
         faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True, file=sys.stderr)
 
 
+def mesh_layer_sync(layer_sync: LayerSync | None, process_group: ProcessGroup | None = None) -> LayerSync | None:
+    """The layer-sync plugin a strategy should apply, with batch norm pooled over ``process_group``.
+
+    Lightning turns ``Trainer(sync_batchnorm=True)`` into a ``TorchSyncBatchNorm`` (torch's CUDA-only
+    :class:`~torch.nn.SyncBatchNorm`, over the whole world); it becomes a
+    :class:`~lit_parallel.plugins.MeshSyncBatchNorm` over ``process_group``. A ``MeshSyncBatchNorm``
+    without a group gets ``process_group``. ``None`` and any other plugin (a user's own ``LayerSync``,
+    subclasses of ``TorchSyncBatchNorm`` included) are returned unchanged.
+
+    Args:
+        layer_sync: the strategy's ``_layer_sync`` as Lightning set it.
+        process_group: the data-parallel group (``None``: the default group).
+
+    Example::
+
+        # in a mesh strategy's setup(), once the data-parallel group exists:
+        self._layer_sync = mesh_layer_sync(self._layer_sync, dp_group)
+        if trainer.state.fn == TrainerFn.FITTING and self._layer_sync:
+            self.model = self._layer_sync.apply(self.model)
+    """
+    if type(layer_sync) is TorchSyncBatchNorm:
+        return MeshSyncBatchNorm(process_group)
+    if isinstance(layer_sync, MeshSyncBatchNorm) and layer_sync.process_group is None:
+        layer_sync.process_group = process_group
+    return layer_sync
+
+
 class RestartSafeDDPMixin:
     """For :class:`~lightning.pytorch.strategies.DDPStrategy` subclasses: join through :func:`connect`,
-    and never linger after an exception (:func:`exit_watchdog`)."""
+    never linger after an exception (:func:`exit_watchdog`), and synchronize batch norm on every
+    backend (``Trainer(sync_batchnorm=True)`` applies :class:`~lit_parallel.plugins.MeshSyncBatchNorm`
+    over the world, which is the data-parallel group of these strategies)."""
+
+    @property
+    def _layer_sync(self: Any) -> LayerSync | None:
+        return self.__dict__.get("_mesh_layer_sync")
+
+    @_layer_sync.setter
+    def _layer_sync(self: Any, layer_sync: LayerSync | None) -> None:
+        # Lightning's accelerator connector assigns TorchSyncBatchNorm here; DDPStrategy.setup applies it.
+        self.__dict__["_mesh_layer_sync"] = mesh_layer_sync(layer_sync)
 
     def on_exception(self: Any, exception: BaseException) -> None:
         exit_watchdog(self.world_size)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import weakref
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
@@ -46,6 +44,15 @@ from lit_parallel.parallel.local_sgd import (
 )
 from lit_parallel.parallel.mesh import ParallelDims, build_mesh
 from lit_parallel.parallel.pipeline_runtime import PipelineRuntime, positional_inputs
+from lit_parallel.parallel.sharded_checkpoint import (
+    COMPRESSION_KEY,
+    DP_SYNC_FILE,
+    REPLICA_KEY,
+    load_sharded,
+    read_meta,
+    remove_path,
+    save_sharded,
+)
 from lit_parallel.strategies._launch import (
     check_replicas_after_round,
     check_replicas_now,
@@ -62,10 +69,6 @@ if TYPE_CHECKING:
 
 __all__ = ["HybridParallelStrategy"]
 
-_META_FILE = "meta.pt"
-_COMPRESSION_KEY = "gradient_compression"
-_REPLICA_KEY = "replica_dp{}"  # per-replica model/optimizer entries when the dp axis runs local SGD / DiLoCo
-_DP_SYNC_FILE = "dp_sync_tp{}_pp{}.pt"  # the dp-sync algorithm state of one (tp, pp) shard
 _PRESETS = {
     "hybrid": {},
     "hybrid_tp2": {"tensor_parallel_size": 2},
@@ -443,7 +446,9 @@ class HybridParallelStrategy(ParallelStrategy):
                 "in self.model with model_family=..., or use tensor_parallel_size=1."
             )
         if self._layer_sync is not None:
-            module = mesh_layer_sync(self._layer_sync, self.data_parallel_group).apply(module)
+            # Trainer(sync_batchnorm=True): statistics over the dp axis only (tp/pp peers see the same batch).
+            self._layer_sync = mesh_layer_sync(self._layer_sync, self.data_parallel_group)
+            module = self._layer_sync.apply(module)
         self.model = self.precision_plugin.convert_module(module)
         self.model_to_device()
         if self._grad_sync is not None:
@@ -645,6 +650,9 @@ class HybridParallelStrategy(ParallelStrategy):
         if isinstance(self._dp_state, DiLoCoState):
             self._dp_state.close()
         self._dp_sync_group = None
+        module = self.lightning_module
+        if module is not None and self._layer_sync is not None and module.trainer.state.fn == TrainerFn.FITTING:
+            self._layer_sync.revert(module)  # as DDPStrategy: plain batch norm again after fit
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
@@ -675,46 +683,31 @@ class HybridParallelStrategy(ParallelStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Write a DCP folder under a temporary name and rename it once every rank has finished."""
-        import torch.distributed.checkpoint as dcp
-
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options.")
+        assert self.dims is not None
         path = Path(self.broadcast(str(filepath)))
-        tmp = path.with_name(path.name + ".incomplete")
-        if self.is_global_zero and tmp.exists():
-            shutil.rmtree(tmp)
-        self.barrier()
         state = {"model": checkpoint.pop("state_dict")}
         for index, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{index}"] = optim_state
-        if self._dp_state is None:
-            dcp.save(state, checkpoint_id=tmp)
-        else:
-            assert self.dims is not None
+        replica_key, rank_files = None, {}
+        if self._dp_state is not None:
             coords = self.dims.coordinates(self.global_rank)
             # The replicas differ between synchronizations: every dp replica keeps its own entries.
-            dcp.save({_REPLICA_KEY.format(coords["dp"]): state}, checkpoint_id=tmp)
+            replica_key = REPLICA_KEY.format(coords["dp"])
             # Outer state (counters; DiLoCo's global parameters, momentum, exchange in flight): identical
             # across dp, one file per (tp, pp) shard.
             dp_state = self._dp_state.state_dict()  # every rank: it waits for an exchange in flight
             if coords["dp"] == 0:
-                torch.save(dp_state, tmp / _DP_SYNC_FILE.format(coords["tp"], coords["pp"]))
+                rank_files[DP_SYNC_FILE.format(coords["tp"], coords["pp"])] = dp_state
         if self._compression is not None:
             # Error-feedback memory differs per rank (per dp replica and per tp/pp shard): keep every rank's.
             states: list[Any] = [None] * self.world_size
             dist.all_gather_object(states, self.compressor.state_dict())
-            checkpoint[_COMPRESSION_KEY] = states
+            checkpoint[COMPRESSION_KEY] = states
         checkpoint["parallel_layout"] = self._layout()
-        if self.is_global_zero:
-            torch.save(checkpoint, tmp / _META_FILE)
-        self.barrier()
-        if self.is_global_zero:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            os.replace(tmp, path)
-        self.barrier()
+        save_sharded(path, state, checkpoint, is_writer=self.is_global_zero, barrier=self.barrier,
+                     replica_key=replica_key, rank_files=rank_files)
 
     def _layout(self) -> dict[str, Any]:
         assert self.dims is not None
@@ -726,16 +719,11 @@ class HybridParallelStrategy(ParallelStrategy):
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
-            path = Path(filepath)
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            remove_path(Path(filepath))
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a checkpoint folder written with any (tp, pp, dp) layout into this one."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
             get_optimizer_state_dict,
@@ -744,12 +732,7 @@ class HybridParallelStrategy(ParallelStrategy):
         )
 
         path = Path(checkpoint_path)
-        if not (path / ".metadata").is_file() or not (path / _META_FILE).is_file():
-            raise FileNotFoundError(
-                f"{path} is not a complete {type(self).__name__} checkpoint (a DCP folder with .metadata and "
-                f"{_META_FILE}); incomplete checkpoints end in '.incomplete' and are never loaded."
-            )
-        meta = torch.load(path / _META_FILE, map_location="cpu", weights_only=False)
+        meta = read_meta(path, type(self).__name__)
         saved_sync = (meta.get("parallel_layout") or {}).get("data_parallel_sync")
         module = self.lightning_module
         state: dict[str, Any] = {"model": get_model_state_dict(module)}
@@ -757,7 +740,7 @@ class HybridParallelStrategy(ParallelStrategy):
         for index, optimizer in enumerate(optimizers):
             state[f"optimizer_{index}"] = get_optimizer_state_dict(module, optimizer)
         key = self._replica_key(meta, path) if saved_sync is not None else None
-        dcp.load(state if key is None else {key: state}, checkpoint_id=path)
+        load_sharded(path, state, key)
         set_model_state_dict(module, state["model"], )
         for index, optimizer in enumerate(optimizers):
             set_optimizer_state_dict(module, optimizer, state[f"optimizer_{index}"])
@@ -775,7 +758,7 @@ class HybridParallelStrategy(ParallelStrategy):
                 f"its replicas differ, so it resumes only with the same layout and data_parallel_sync "
                 f"(this run: {self._layout()})."
             )
-        return _REPLICA_KEY.format(self.dims.coordinates(self.global_rank)["dp"])
+        return REPLICA_KEY.format(self.dims.coordinates(self.global_rank)["dp"])
 
     def _load_dp_sync_state(self, saved_sync: str | None, path: Path) -> None:
         if self._dp_state is None:
@@ -789,12 +772,12 @@ class HybridParallelStrategy(ParallelStrategy):
             return
         assert self.dims is not None
         coords = self.dims.coordinates(self.global_rank)
-        dp_state = torch.load(path / _DP_SYNC_FILE.format(coords["tp"], coords["pp"]), map_location="cpu",
+        dp_state = torch.load(path / DP_SYNC_FILE.format(coords["tp"], coords["pp"]), map_location="cpu",
                               weights_only=True)
         self._dp_state.load_state_dict(dp_state)
 
     def _load_compression_state(self, meta: dict[str, Any], path: Path) -> None:
-        states = meta.get(_COMPRESSION_KEY)
+        states = meta.get(COMPRESSION_KEY)
         if self._compression is None:
             return
         if states is None:

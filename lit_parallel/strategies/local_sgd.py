@@ -49,7 +49,8 @@ class LocalSGDStrategy(RestartSafeDDPMixin, DDPStrategy):
 
     Between synchronizations the replicas differ, and so do their optimizer states: a checkpoint holds
     every rank's parameters and optimizer states, and a resumed run continues each replica exactly.
-    Buffers (BatchNorm statistics) are not averaged; each rank keeps its own.
+    Buffers (BatchNorm statistics) are not averaged; each rank keeps its own, unless
+    ``Trainer(sync_batchnorm=True)`` computes them over all ranks' batches (docs/sync_batchnorm.md).
 
     Args:
         sync_every: optimizer steps between two parameter averagings (``H``).

@@ -1,0 +1,92 @@
+"""Sharded checkpoints as one atomic folder: a DCP checkpoint plus the trainer's own state.
+
+Pure torch (no Lightning). Every rank writes its shards into ``<path>.incomplete``; once all have finished,
+one rank renames the folder to ``<path>``, so a folder under the final name is always complete and a crash
+leaves only an ``.incomplete`` folder that is never loaded::
+
+    save_sharded(path, {"model": msd, "optimizer_0": osd}, meta, is_writer=rank == 0, barrier=dist.barrier)
+    meta = read_meta(path)
+    load_sharded(path, state)          # in place, resharded into this run's layout
+
+Folder contents: DCP's ``.metadata`` and ``__<rank>_0.distcp`` shard files, :data:`META_FILE` (the trainer's
+state: loops, schedulers, layout), and any per-rank files the caller adds (``rank_files``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["COMPRESSION_KEY", "DP_SYNC_FILE", "META_FILE", "REPLICA_KEY", "load_sharded", "read_meta",
+           "remove_path", "save_sharded"]
+
+META_FILE = "meta.pt"
+COMPRESSION_KEY = "gradient_compression"
+REPLICA_KEY = "replica_dp{}"  # per-replica model/optimizer entries when the dp axis runs local SGD / DiLoCo
+DP_SYNC_FILE = "dp_sync_tp{}_pp{}.pt"  # the dp-sync algorithm state of one (tp, pp) shard
+
+
+def remove_path(path: Path) -> None:
+    """Delete a checkpoint folder or file if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def save_sharded(path: Path, state: dict[str, Any], meta: dict[str, Any], *, is_writer: bool,
+                 barrier: Callable[[], None], replica_key: str | None = None,
+                 rank_files: dict[str, Any] | None = None) -> None:
+    """Write ``state`` (DCP, every rank its shards) and ``meta`` (one rank) into ``path``, atomically.
+
+    Args:
+        path: the final folder (replaced if it exists).
+        state: this rank's state dict, DTensors for sharded entries.
+        meta: the non-sharded state, written by the writer rank only.
+        is_writer: whether this rank writes ``meta`` and renames the folder (one rank must).
+        barrier: a barrier over every rank that saves.
+        replica_key: store ``state`` under this key (replicas that differ keep separate entries).
+        rank_files: extra ``torch.save`` files this rank writes into the folder, by file name.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    tmp = path.with_name(path.name + ".incomplete")
+    if is_writer and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier()
+    dcp.save(state if replica_key is None else {replica_key: state}, checkpoint_id=tmp)
+    for name, obj in (rank_files or {}).items():
+        torch.save(obj, tmp / name)
+    if is_writer:
+        torch.save(meta, tmp / META_FILE)
+    barrier()
+    if is_writer:
+        remove_path(path)
+        os.replace(tmp, path)
+    barrier()
+
+
+def read_meta(path: Path, owner: str = "sharded") -> dict[str, Any]:
+    """The trainer state of a complete checkpoint folder.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a complete folder (``.metadata`` and :data:`META_FILE`).
+    """
+    if not (path / ".metadata").is_file() or not (path / META_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a complete {owner} checkpoint (a DCP folder with .metadata and {META_FILE}); "
+            "incomplete checkpoints end in '.incomplete' and are never loaded."
+        )
+    return torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+
+
+def load_sharded(path: Path, state: dict[str, Any], replica_key: str | None = None) -> None:
+    """Fill ``state`` in place from the folder, resharded to the DTensor layouts ``state`` holds."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state if replica_key is None else {replica_key: state}, checkpoint_id=path)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from torch import nn
 
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.context import ParallelContext
 from lit_parallel.precision import (
     MASTER_WEIGHT_KEY,
     HybridHalfPrecision,
@@ -84,9 +83,9 @@ def test_bf16_on_a_gpu_without_bf16_is_rejected(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
     with pytest.raises(ConfigurationError, match=r"'bf16-mixed'.*Tesla T4.*valid on this GPU: '16-mixed'"):
         HybridMixedPrecision("bf16-mixed", device="cuda")
-    strategy = types.SimpleNamespace(root_device=torch.device("cuda", 0))
+    context = ParallelContext(device=torch.device("cuda", 0), data_parallel_size=1)
     with pytest.raises(ConfigurationError, match=r"'bf16-true'.*Tesla T4"):
-        HybridHalfPrecision("bf16-true").attach_strategy(strategy)  # type: ignore[arg-type]
+        HybridHalfPrecision("bf16-true").attach(context)
     HybridMixedPrecision("16-mixed", device="cuda")  # fp16 is fine there
 
 

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lit_parallel.compression import CommStats, Compressor
+from lit_parallel.strategies.context import parallel_context
 
 __all__ = ["CommunicationMonitor"]
 
@@ -46,7 +47,7 @@ class CommunicationMonitor(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._compressor = getattr(trainer.strategy, "compressor", None)
+        self._compressor = parallel_context(trainer.strategy).compressor
         if self._compressor is None and stage == "fit":
             rank_zero_warn(
                 f"CommunicationMonitor: {type(trainer.strategy).__name__} has no `compressor`, nothing to "

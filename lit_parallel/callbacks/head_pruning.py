@@ -31,6 +31,7 @@ from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.pruning import check_sparsity, comm_device
+from lit_parallel.strategies.context import parallel_context
 
 __all__ = [
     "AttentionHeadPruning",
@@ -392,7 +393,7 @@ class AttentionHeadPruning(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        group = getattr(trainer.strategy, "model_parallel_group", None)
+        group = parallel_context(trainer.strategy).model_parallel_group
         if group is not None and dist.get_world_size(group) > 1:
             raise ConfigurationError(
                 "AttentionHeadPruning supports data-parallel strategies only; this one shards the model over "

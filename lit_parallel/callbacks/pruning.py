@@ -30,6 +30,7 @@ from lit_parallel.parallel.pruning import (
     local_tensor,
     schedule_sparsity,
 )
+from lit_parallel.strategies.context import parallel_context
 
 __all__ = ["export_pruned", "prunable_modules"]
 
@@ -198,7 +199,7 @@ class _MaskPruning(Callback):
 
     # -- internals ----------------------------------------------------------------------------------
     def _setup_layout(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        group = getattr(trainer.strategy, "model_parallel_group", None)
+        group = parallel_context(trainer.strategy).model_parallel_group
         params = _select(pl_module, self.parameter_regex, self._targets(pl_module), group)
         self._layout = PruningLayout(params, group=group)
         self._named = list(pl_module.named_parameters())
@@ -230,7 +231,7 @@ class _MaskPruning(Callback):
         Between synchronizations the replicas differ, so masks computed from their weights would differ
         too; right after one (``global_step % sync_every == 0``) they are identical.
         """
-        every = getattr(trainer.strategy, "replica_sync_every", None) or 1
+        every = parallel_context(trainer.strategy).replica_sync_every or 1
         if every == 1:
             return 1
         assert self._resolved_end is not None

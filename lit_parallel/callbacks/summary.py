@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lit_parallel.strategies.context import parallel_context
+
 __all__ = ["RunSummary"]
 
 
@@ -57,7 +59,7 @@ class RunSummary(Callback):
 
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
         """Metrics, throughput (global samples/s) and wall time of the run so far."""
-        dp = int(getattr(trainer.strategy, "data_parallel_size", trainer.world_size))
+        dp = parallel_context(trainer.strategy).data_parallel_size
         out: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         out["train_samples"] = self.samples * dp
         out["throughput_samples_per_s"] = self.samples * dp / self.fit_seconds if self.fit_seconds else 0.0

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lit_parallel.parallel.mesh import local_tensor
+
 __all__ = ["ReplicaDivergenceError", "check_replicas", "fingerprint"]
 
 _WEIGHT_PERIOD = 8191  # a prime: positions are weighted 1..8191 so swapped elements change the sum
@@ -26,14 +28,9 @@ class ReplicaDivergenceError(RuntimeError):
     """Data-parallel replicas hold different values for a tensor that must be identical."""
 
 
-def _local(tensor: Tensor) -> Tensor:
-    local = getattr(tensor, "to_local", None)
-    return local() if local is not None else tensor
-
-
 def _fingerprint_tensor(tensor: Tensor) -> Tensor:
     """:func:`fingerprint` as a 0-dim int64 tensor on the tensor's device (no host synchronization)."""
-    data = _local(tensor).detach().contiguous().reshape(-1)
+    data = local_tensor(tensor).detach().contiguous().reshape(-1)
     if data.numel() == 0:
         return torch.zeros((), dtype=torch.int64, device=data.device)
     if data.dtype == torch.bool:

@@ -17,13 +17,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from lit_parallel.parallel.mesh import local_tensor
+
 __all__ = ["GradientSynchronizer", "local_tensor"]
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The rank-local data of ``tensor`` (the shard of a DTensor, the tensor itself otherwise)."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if to_local is not None else tensor
 
 
 class GradientSynchronizer:

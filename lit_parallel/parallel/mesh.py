@@ -15,9 +15,15 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lit_parallel.errors import ConfigurationError
 
-__all__ = ["MESH_DIMS", "ParallelDims", "build_mesh"]
+__all__ = ["MESH_DIMS", "ParallelDims", "build_mesh", "local_tensor"]
 
 MESH_DIMS = ("pp", "dp", "tp")
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank-local data of ``tensor`` (the shard of a DTensor, the tensor itself otherwise)."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 def _check_size(name: str, value: int | str, allow_auto: bool) -> None:

@@ -87,6 +87,15 @@ class PipelineRuntime:
         if self.plan.tied_parameters:
             reduce_tied_gradients(model, self.plan, group=self.pp_group)
 
+    def tied_copies(self, model: nn.Module) -> list[Tensor]:
+        """Parameters tied across stages that this rank holds but another stage owns (count once in norms)."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        copies = []
+        for names in self.plan.tied_parameters:
+            owner = min(names, key=self.plan.stage_of)
+            copies += [params[n] for n in names if n in params and params[n] is not params.get(owner)]
+        return copies
+
     @torch.no_grad()
     def restore_gradients(self) -> None:
         """Add the gradients of the last training step to whatever ``.grad`` holds now."""

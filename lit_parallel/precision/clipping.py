@@ -26,14 +26,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from lit_parallel.parallel.mesh import local_tensor
+
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "global_grad_norm"]
 
 _EPS = 1e-6  # as in torch.nn.utils.clip_grad_norm_, so single-device clipping is matched exactly
-
-
-def _local(tensor: Tensor) -> Tensor:
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if to_local is not None else tensor
 
 
 def _grads(parameters: Iterable[Tensor] | Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -110,13 +107,13 @@ def global_grad_norm(
     norm_type = float(norm_type)
     excluded = {id(p) for p in exclude}
     pairs = _grads(parameters)
-    device = _local(pairs[0][1]).device if pairs else torch.device("cpu")
+    device = local_tensor(pairs[0][1]).device if pairs else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float32, device=device)
     for param, grad in pairs:
         grad = _resolve_partial(grad)
         if id(param) in excluded or not _counted_here(grad, replicated_group):
             continue
-        local = _local(grad)
+        local = local_tensor(grad)
         if local.numel() == 0:
             continue
         if math.isinf(norm_type):
@@ -172,7 +169,7 @@ def clip_grad_norm_(
         raise RuntimeError(f"The global norm of order {norm_type} of the gradients is non-finite ({total.item()}).")
     coef = torch.clamp(max_norm / (total + _EPS), max=1.0)
     for _, grad in pairs:
-        local = _local(grad)
+        local = local_tensor(grad)
         local.mul_(coef.to(device=local.device, dtype=local.dtype))
     return total
 
@@ -186,4 +183,4 @@ def clip_grad_value_(parameters: Iterable[Tensor] | Tensor, clip_value: float) -
         clip_grad_value_(model.parameters(), 0.5)
     """
     for _, grad in _grads(parameters):
-        _local(grad).clamp_(min=-clip_value, max=clip_value)
+        local_tensor(grad).clamp_(min=-clip_value, max=clip_value)

@@ -11,6 +11,8 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 from typing_extensions import override
 
+from lit_parallel.parallel.mesh import local_tensor
+
 __all__ = ["MeshGradScaler"]
 
 
@@ -65,8 +67,7 @@ class MeshGradScaler(torch.amp.GradScaler):
                 for param in group["params"]:
                     if param.grad is None:
                         continue
-                    grad = param.grad
-                    grad = grad.to_local() if hasattr(grad, "to_local") else grad
+                    grad = local_tensor(param.grad)
                     if not allow_fp16 and grad.dtype == torch.float16:
                         raise ValueError("Attempting to unscale FP16 gradients.")
                     if grad.is_sparse:

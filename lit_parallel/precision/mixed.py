@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
@@ -12,11 +12,9 @@ from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.context import ParallelContext
 from lit_parallel.precision.grad_scaler import MeshGradScaler
 from lit_parallel.precision.precision import HybridPrecision, _check_bf16_supported
-
-if TYPE_CHECKING:
-    from lit_parallel.strategies.hybrid import HybridParallelStrategy
 
 __all__ = ["HybridMixedPrecision"]
 
@@ -96,12 +94,12 @@ class HybridMixedPrecision(HybridPrecision, MixedPrecision):
         return MeshGradScaler(device, **self._scaler_settings) if precision == "16-mixed" else None
 
     @override
-    def attach_strategy(self, strategy: HybridParallelStrategy) -> None:
-        device = strategy.root_device.type
+    def attach(self, context: ParallelContext) -> None:
+        device = context.device.type
         if self._device_arg == "auto" and device != self.device:
             self.device = device
             self.scaler = self._new_scaler(self.precision, device)
-        super().attach_strategy(strategy)
+        super().attach(context)
 
     @override
     def connect(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -12,10 +12,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.context import ParallelContext
 from lit_parallel.precision.clipping import clip_grad_norm_, clip_grad_value_
-
-if TYPE_CHECKING:
-    from lit_parallel.strategies.hybrid import HybridParallelStrategy
 
 __all__ = ["HybridPrecision"]
 
@@ -53,43 +51,27 @@ class HybridPrecision(Precision):
                           plugins=[HybridPrecision()], gradient_clip_val=1.0, devices=4)
     """
 
-    _strategy: HybridParallelStrategy | None = None
-    _model_parallel_group: Any = None
-    _tensor_parallel_group: Any = None
+    _context: ParallelContext | None = None
 
-    def attach_strategy(self, strategy: HybridParallelStrategy) -> None:
-        """Take the mesh's process groups (called by the strategy once the mesh exists, on every rank).
+    def attach(self, context: ParallelContext) -> None:
+        """Take the mesh's layout (called by the strategy once the mesh exists, on every rank).
 
         Raises:
             ConfigurationError: bf16 on a CUDA device without bfloat16 support.
         """
-        _check_bf16_supported(strategy.root_device.type, str(self.precision))
-        self._strategy = strategy
-        # Creating the flattened pp×tp group is collective: done here, where every rank is in step.
-        self._model_parallel_group = strategy.model_parallel_group
-        self._tensor_parallel_group = strategy.tensor_parallel_group
+        _check_bf16_supported(context.device.type, str(self.precision))
+        self._context = context
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """The loss a pipeline schedule backpropagates (loss scaling is fp16-only; identity here)."""
         return loss
 
-    def _tied_copies(self) -> list[Tensor]:
-        """Parameters tied across pipeline stages that this rank holds but does not count in the norm."""
-        plan = getattr(self._strategy, "pipeline_plan", None)
-        if plan is None or not plan.tied_parameters:
-            return []
-        params = dict(self._strategy.lightning_module.model.named_parameters(remove_duplicate=False))
-        copies = []
-        for names in plan.tied_parameters:
-            owner = min(names, key=plan.stage_of)
-            copies += [params[n] for n in names if n in params and params[n] is not params.get(owner)]
-        return copies
-
     def _group_kwargs(self) -> dict[str, Any]:
-        if self._strategy is None or not dist.is_initialized():
+        context = self._context
+        if context is None or not dist.is_initialized():
             return {}
-        return {"group": self._model_parallel_group, "replicated_group": self._tensor_parallel_group,
-                "exclude": self._tied_copies()}
+        return {"group": context.model_parallel_group, "replicated_group": context.tensor_parallel_group,
+                "exclude": context.tied_copies()}
 
     @override
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:

@@ -12,6 +12,7 @@ from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed import ProcessGroup
 
+from lit_parallel.parallel.context import ParallelContext
 from lit_parallel.parallel.process_group import init_process_group
 from lit_parallel.plugins.sync_batchnorm import MeshSyncBatchNorm
 
@@ -82,7 +83,17 @@ class RestartSafeDDPMixin:
     """For :class:`~lightning.pytorch.strategies.DDPStrategy` subclasses: join through :func:`connect`,
     never linger after an exception (:func:`exit_watchdog`), and synchronize batch norm on every
     backend (``Trainer(sync_batchnorm=True)`` applies :class:`~lit_parallel.plugins.MeshSyncBatchNorm`
-    over the world, which is the data-parallel group of these strategies)."""
+    over the world, which is the data-parallel group of these strategies). They declare their layout in
+    :attr:`parallel_context`: plain data parallelism over the world."""
+
+    compressor: Any  # every DDP-family strategy of the package has one (``NoCompression`` counts bytes)
+    replica_sync_every: int | None = None  # LocalSGD / DiLoCo: steps between synchronizations
+
+    @property
+    def parallel_context(self: Any) -> ParallelContext:
+        """The layout for precision plugins and callbacks (:class:`~lit_parallel.parallel.context.ParallelContext`)."""
+        return ParallelContext(device=self.root_device, data_parallel_size=self.world_size,
+                               compressor=self.compressor, replica_sync_every=self.replica_sync_every)
 
     @property
     def _layer_sync(self: Any) -> LayerSync | None:

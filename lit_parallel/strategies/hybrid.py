@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.context import ParallelContext
 from lit_parallel.parallel.data_parallel import GradientSynchronizer, local_tensor
 from lit_parallel.parallel.families import ModelFamily, family_names, get_family
 from lit_parallel.parallel.local_sgd import (
@@ -53,6 +54,7 @@ from lit_parallel.parallel.sharded_checkpoint import (
     remove_path,
     save_sharded,
 )
+from lit_parallel.precision import HybridPrecision, to_mesh_aware
 from lit_parallel.strategies._launch import (
     check_replicas_after_round,
     check_replicas_now,
@@ -221,6 +223,7 @@ class HybridParallelStrategy(ParallelStrategy):
         self._grad_sync: GradientSynchronizer | None = None
         self._pipeline: PipelineRuntime | None = None
         self._parallelized: weakref.ref[Any] | None = None
+        self._context: ParallelContext | None = None
         self._accumulating = False  # inside block_backward_sync: a gradient-accumulation micro-step
         self._synced = False
 
@@ -270,6 +273,16 @@ class HybridParallelStrategy(ParallelStrategy):
         from lit_parallel.parallel.pipeline import SINGLE_STAGE_SCHEDULES
 
         return 1 if self._pp == 1 or self.pipeline_schedule in SINGLE_STAGE_SCHEDULES else 2
+
+    @property
+    def parallel_context(self) -> ParallelContext:
+        """The layout for precision plugins and callbacks (available from ``configure_model`` on)."""
+        if self._context is None:
+            raise RuntimeError("The parallel context exists only after the processes have initialized.")
+        return self._context
+
+    def _tied_copies(self) -> list[Tensor]:
+        return [] if self._pipeline is None else self._pipeline.tied_copies(self.lightning_module.model)
 
     @property
     def pipeline_plan(self) -> Any | None:
@@ -331,8 +344,8 @@ class HybridParallelStrategy(ParallelStrategy):
     # -- precision: every plugin is made mesh-aware --------------------------------------------------
     @property
     @override
-    def precision_plugin(self) -> Precision:
-        return self._precision_plugin if self._precision_plugin is not None else Precision()
+    def precision_plugin(self) -> HybridPrecision:
+        return self._precision_plugin if self._precision_plugin is not None else HybridPrecision()
 
     @precision_plugin.setter
     @override
@@ -340,8 +353,6 @@ class HybridParallelStrategy(ParallelStrategy):
         # Lightning builds the plugin from Trainer(precision=...); swap in the mesh-aware equivalent so
         # inf checks, loss scaling and clipping agree on every rank of the mesh.
         if plugin is not None:
-            from lit_parallel.precision import to_mesh_aware
-
             plugin = to_mesh_aware(plugin)
         self._precision_plugin = plugin
 
@@ -379,9 +390,13 @@ class HybridParallelStrategy(ParallelStrategy):
         self._device_mesh = build_mesh(self.dims, self.root_device.type)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
-        attach = getattr(self.precision_plugin, "attach_strategy", None)
-        if attach is not None:
-            attach(self)
+        # Creating the flattened pp x tp group is collective: done here, where every rank is in step.
+        self._context = ParallelContext(
+            device=self.root_device, data_parallel_size=self.dims.dp, data_parallel_group=self.data_parallel_group,
+            model_parallel_group=self.model_parallel_group, tensor_parallel_group=self.tensor_parallel_group,
+            compressor=self.compressor, replica_sync_every=self.replica_sync_every, tied_copies=self._tied_copies,
+        )
+        self.precision_plugin.attach(self._context)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:

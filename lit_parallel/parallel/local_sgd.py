@@ -33,7 +33,7 @@ from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.compression.base import Compressor, NoCompression, copy_back, flatten
 
 __all__ = ["THREADED_BACKENDS", "DiLoCo", "DiLoCoState", "LocalSGD", "LocalSGDState", "check_threaded_backend",
-           "check_sync_every"]
+           "check_sync_every", "resolve_dp_sync"]
 
 # Backends whose collectives may run from DiLoCoState's background thread (a compressed, overlapped exchange).
 THREADED_BACKENDS = ("gloo", "nccl")
@@ -368,3 +368,19 @@ class DiLoCo:
     def build(self, params: Sequence[Tensor], compressor: Compressor | None = None) -> DiLoCoState:
         """The algorithm state for ``params`` (this rank's parameters, or its local shards of them)."""
         return DiLoCoState(params, compressor=compressor, **asdict(self))
+
+
+DP_SYNC_NAMES = {"exact": None, "local_sgd": LocalSGD, "diloco": DiLoCo}
+
+
+def resolve_dp_sync(value: Any) -> LocalSGD | DiLoCo | None:
+    """``data_parallel_sync`` as a validated :class:`LocalSGD` / :class:`DiLoCo`, or ``None`` (exact)."""
+    if value is None or isinstance(value, LocalSGD | DiLoCo):
+        return value
+    if isinstance(value, str) and value in DP_SYNC_NAMES:
+        kind = DP_SYNC_NAMES[value]
+        return None if kind is None else kind()
+    raise ConfigurationError(
+        f"data_parallel_sync={value!r} is invalid; valid: None, {sorted(DP_SYNC_NAMES)}, "
+        "lit_parallel.LocalSGD(sync_every=...) or lit_parallel.DiLoCo(sync_every=..., outer_lr=..., ...)."
+    )

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lit_parallel.errors import ConfigurationError
 
-__all__ = ["MESH_DIMS", "ParallelDims", "build_mesh", "local_tensor"]
+__all__ = ["MESH_DIMS", "ParallelDims", "build_mesh", "local_tensor", "new_dp_groups"]
 
 MESH_DIMS = ("pp", "dp", "tp")
 
@@ -100,3 +101,20 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> DeviceMesh
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     return init_device_mesh(device_type, dims.mesh_shape, mesh_dim_names=MESH_DIMS)
+
+
+def new_dp_groups(mesh: DeviceMesh, backend: str | None = None) -> dist.ProcessGroup:
+    """A new process group per data-parallel group of the ``("pp", "dp", "tp")`` mesh; returns this rank's.
+
+    Collective: every rank creates every group (``new_group``'s rule), in the same order.
+    """
+    dp = mesh.size(MESH_DIMS.index("dp"))
+    ranks = mesh.mesh.permute(0, 2, 1).reshape(-1, dp).tolist()
+    mine = dist.get_rank()
+    own = None
+    for group_ranks in ranks:
+        group = dist.new_group(group_ranks, backend=backend)
+        if mine in group_ranks:
+            own = group
+    assert own is not None
+    return own

@@ -32,6 +32,7 @@ __all__ = [
     "Conv1DColwiseParallel",
     "Conv1DRowwiseParallel",
     "GQAHeadParallel",
+    "HeadwiseReplicateParallel",
     "PackedConv1DColwiseParallel",
     "ReplicateParallel",
 ]
@@ -97,6 +98,38 @@ def _replicate_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str
 
 def _local_outputs(_module: nn.Module, _args: Any, output: Any) -> Any:
     return _to_local(output)
+
+
+class HeadwiseReplicateParallel(ReplicateParallel):
+    """Replicated parameters of a module applied to this rank's attention heads only (Qwen3's q/k norms).
+
+    The module sees a disjoint part of the heads on every tensor-parallel rank, so each rank's weight
+    gradient is a partial sum: a gradient hook all-reduces it over the tensor-parallel group, and the
+    replicas receive the gradient of the full layer (even or uneven head splits alike).
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        super()._apply(module, device_mesh)
+        # The hooks go on at each forward: ``module.to(...)`` may replace Parameter objects (and their hooks).
+        module.register_forward_pre_hook(_hook_partial_grads)
+        return module
+
+
+def _hook_partial_grads(module: nn.Module, _args: Any) -> None:
+    for param in module.parameters(recurse=False):
+        if param.requires_grad and not getattr(param, "_tp_grad_summed", False):
+            group = param.device_mesh.get_group()
+            param.register_hook(lambda grad, group=group: _sum_over(grad, group))
+            param._tp_grad_summed = True
+
+
+def _sum_over(grad: torch.Tensor, group: Any) -> torch.Tensor:
+    local = grad.to_local() if isinstance(grad, DTensor) else grad
+    local = local.clone()
+    dist.all_reduce(local, group=group)
+    if isinstance(grad, DTensor):
+        return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False)
+    return local
 
 
 def _distribute_own(module: nn.Module, mesh: DeviceMesh, placements: dict[str, Placement],

@@ -42,9 +42,11 @@ from lit_parallel.parallel.local_sgd import (
     LocalSGD,
     LocalSGDState,
     check_threaded_backend,
+    resolve_dp_sync,
 )
-from lit_parallel.parallel.mesh import ParallelDims, build_mesh
+from lit_parallel.parallel.mesh import ParallelDims, build_mesh, new_dp_groups
 from lit_parallel.parallel.pipeline_runtime import PipelineRuntime, positional_inputs
+from lit_parallel.parallel.pipeline_schedules import PipelineOptions
 from lit_parallel.parallel.sharded_checkpoint import (
     COMPRESSION_KEY,
     DP_SYNC_FILE,
@@ -167,33 +169,14 @@ class HybridParallelStrategy(ParallelStrategy):
         ParallelDims.resolve(tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
                              world_size=tensor_parallel_size * pipeline_parallel_size
                              * (1 if data_parallel_size == "auto" else data_parallel_size))
-        if num_microbatches != "auto" and (isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int)
-                                           or num_microbatches < 1):
-            raise ConfigurationError(f"num_microbatches={num_microbatches!r} is invalid; valid: an integer >= 1 or 'auto'.")
-        if virtual_pipeline_stages != "auto" and (not isinstance(virtual_pipeline_stages, int)
-                                                  or virtual_pipeline_stages < 1):
-            raise ConfigurationError(
-                f"virtual_pipeline_stages={virtual_pipeline_stages!r} is invalid; valid: an integer >= 1 or 'auto'."
-            )
-        if pipeline_parallel_size > 1:
-            from lit_parallel.parallel.pipeline import SCHEDULES
-
-            if pipeline_schedule not in SCHEDULES:
-                raise ConfigurationError(
-                    f"pipeline_schedule={pipeline_schedule!r} is unknown; valid: {sorted(SCHEDULES)}."
-                )
-        if (pipeline_parallel_size > 1 and pipeline_schedule == "1f1b" and num_microbatches != "auto"
-                and num_microbatches < pipeline_parallel_size):
-            raise ConfigurationError(
-                f"num_microbatches={num_microbatches} is below pipeline_parallel_size={pipeline_parallel_size}; "
-                f"1F1B needs at least one microbatch per stage (valid: >= {pipeline_parallel_size}, or 'gpipe')."
-            )
+        self._pipeline_options = PipelineOptions(pipeline_parallel_size, pipeline_schedule, num_microbatches,
+                                                 virtual_pipeline_stages)
         if bucket_cap_mb <= 0:
             raise ConfigurationError(f"bucket_cap_mb={bucket_cap_mb} must be > 0.")
+        if model_family != "auto":
+            get_family(name=model_family)  # an unknown name is refused here, the model is checked at setup
         self._tp, self._pp, self._dp_arg = tensor_parallel_size, pipeline_parallel_size, data_parallel_size
-        self._num_microbatches_arg = num_microbatches
         self.pipeline_schedule = pipeline_schedule
-        self._virtual_arg = virtual_pipeline_stages
         self.split_points = list(split_points) if split_points else None
         self.model_family = model_family
         self.auto_tensor_parallel = auto_tensor_parallel
@@ -202,7 +185,7 @@ class HybridParallelStrategy(ParallelStrategy):
 
             gradient_compression = get_compressor(gradient_compression)
         self._compression = gradient_compression
-        self.data_parallel_sync = _resolve_dp_sync(data_parallel_sync)
+        self.data_parallel_sync = resolve_dp_sync(data_parallel_sync)
         self._dp_state: LocalSGDState | None = None
         self._dp_sync_group: Any | None = None
         if process_group_backend is not None:
@@ -264,15 +247,11 @@ class HybridParallelStrategy(ParallelStrategy):
 
     @property
     def num_microbatches(self) -> int:
-        return 2 * self._pp if self._num_microbatches_arg == "auto" else int(self._num_microbatches_arg)
+        return self._pipeline_options.microbatches
 
     @property
     def virtual_pipeline_stages(self) -> int:
-        if self._virtual_arg != "auto":
-            return int(self._virtual_arg)
-        from lit_parallel.parallel.pipeline import SINGLE_STAGE_SCHEDULES
-
-        return 1 if self._pp == 1 or self.pipeline_schedule in SINGLE_STAGE_SCHEDULES else 2
+        return self._pipeline_options.stages_per_rank
 
     @property
     def parallel_context(self) -> ParallelContext:
@@ -487,13 +466,8 @@ class HybridParallelStrategy(ParallelStrategy):
         self._dp_sync_group = self.data_parallel_group
         if self.data_parallel_sync.overlap:
             # A group of its own per dp group, so the exchange in flight never queues behind (or blocks)
-            # other collectives on the dp group. new_group is collective: every rank creates every group.
-            ranks = self.device_mesh.mesh.permute(0, 2, 1).reshape(-1, self.dims.dp).tolist()
-            mine = dist.get_rank()
-            for group_ranks in ranks:
-                group = dist.new_group(group_ranks, backend=self._process_group_backend)
-                if mine in group_ranks:
-                    self._dp_sync_group = group
+            # other collectives on the dp group.
+            self._dp_sync_group = new_dp_groups(self.device_mesh, self._process_group_backend)
 
     def _local_parameters(self) -> list[Tensor]:
         """This rank's trainable parameters as plain tensors (the local shards of DTensors)."""
@@ -843,19 +817,3 @@ def _set_submodule(module: nn.Module, path: str, net: nn.Module) -> None:
         return
     parent, _, name = path.rpartition(".")
     setattr(module.get_submodule(parent) if parent else module, name, net)
-
-
-_DP_SYNC_NAMES = {"exact": None, "local_sgd": LocalSGD, "diloco": DiLoCo}
-
-
-def _resolve_dp_sync(value: Any) -> LocalSGD | DiLoCo | None:
-    """``data_parallel_sync`` as a validated :class:`LocalSGD` / :class:`DiLoCo`, or ``None`` (exact)."""
-    if value is None or isinstance(value, LocalSGD | DiLoCo):
-        return value
-    if isinstance(value, str) and value in _DP_SYNC_NAMES:
-        kind = _DP_SYNC_NAMES[value]
-        return None if kind is None else kind()
-    raise ConfigurationError(
-        f"data_parallel_sync={value!r} is invalid; valid: None, {sorted(_DP_SYNC_NAMES)}, "
-        "lit_parallel.LocalSGD(sync_every=...) or lit_parallel.DiLoCo(sync_every=..., outer_lr=..., ...)."
-    )

@@ -8,6 +8,7 @@ The same pieces serve every decoder laid out like Llama (``model.embed_tokens``,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from lit_parallel.parallel.families.base import (
     hf_layer_types,
     register_family,
 )
-from lit_parallel.parallel.tp_styles import GQAHeadParallel
+from lit_parallel.parallel.tp_styles import GQAHeadParallel, HeadwiseReplicateParallel
 
 __all__ = ["LLAMA", "DecoderStage", "llama_like"]
 
@@ -55,8 +56,12 @@ def _uneven(model: nn.Module, tp_size: int | None) -> bool:
     return any(n % tp_size for n in _heads(config))
 
 
-def tp_plan(model: nn.Module, tp_size: int | None) -> dict[str, ParallelStyle]:
-    """q/k/v and gate/up column-wise, o and down row-wise; vocabulary-parallel embedding and LM head."""
+def tp_plan(model: nn.Module, tp_size: int | None, head_norms: tuple[str, ...] = ()) -> dict[str, ParallelStyle]:
+    """q/k/v and gate/up column-wise, o and down row-wise; vocabulary-parallel embedding and LM head.
+
+    ``head_norms``: attention submodules applied per head (Qwen3's ``q_norm``, ``k_norm``): replicated, with
+    their gradients summed over the heads of every rank.
+    """
     base, p = base_model(model)
     uneven = _uneven(model, tp_size)
     plan: dict[str, ParallelStyle] = {}
@@ -70,6 +75,8 @@ def tp_plan(model: nn.Module, tp_size: int | None) -> dict[str, ParallelStyle]:
             for name in ("q_proj", "k_proj", "v_proj"):
                 plan[f"{q}.self_attn.{name}"] = ColwiseParallel()
             plan[f"{q}.self_attn.o_proj"] = RowwiseParallel()
+        for name in head_norms:
+            plan[f"{q}.self_attn.{name}"] = HeadwiseReplicateParallel()
         for name in ("gate_proj", "up_proj"):
             plan[f"{q}.mlp.{name}"] = ColwiseParallel()
         plan[f"{q}.mlp.down_proj"] = RowwiseParallel()
@@ -148,10 +155,13 @@ class DecoderStage(StageModule):
 
 
 def llama_like(name: str, model_types: tuple[str, ...],
-               attention_kinds: frozenset[str] = frozenset({FULL_ATTENTION})) -> ModelFamily:
-    """The spec of a decoder laid out like Llama whose layers use the masks ``attention_kinds``."""
+               attention_kinds: frozenset[str] = frozenset({FULL_ATTENTION}),
+               head_norms: tuple[str, ...] = ()) -> ModelFamily:
+    """The spec of a decoder laid out like Llama whose layers use the masks ``attention_kinds``; ``head_norms``
+    names per-head attention submodules (see :func:`tp_plan`)."""
+    plan = functools.partial(tp_plan, head_norms=head_norms) if head_norms else tp_plan
     return ModelFamily(
-        name=name, model_types=model_types, tp_plan=tp_plan, validate_tp=validate_tp, localize_tp=localize_tp,
+        name=name, model_types=model_types, tp_plan=plan, validate_tp=validate_tp, localize_tp=localize_tp,
         pipeline_layout=pipeline_layout, build_stage=DecoderStage, stage_inputs=("input_ids", "attention_mask"),
         attention_kinds=attention_kinds, attention_module="self_attn",
         pipeline_heads=f"{name} causal LM (model.embed_tokens, model.layers, model.norm, lm_head)",

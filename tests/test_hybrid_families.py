@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lit_parallel import ConfigurationError, HybridParallelStrategy
 from lit_parallel.parallel.data_parallel import local_tensor
 from lit_parallel.parallel.families import ModelFamily, family_names, get_family, register_family
+from lit_parallel.precision import HybridMixedPrecision
 from lit_parallel.testing import DistributedRunError, global_batch_order, run_distributed
 
 pytestmark = pytest.mark.slow
@@ -249,13 +250,17 @@ def _precision_fit(family: str, layout: tuple[int, int], precision: str, inject:
         callbacks.append(_InjectInf(*_INJECT[layout], step=1))
     tp, pp = layout
     strategy = HybridParallelStrategy(tensor_parallel_size=tp, pipeline_parallel_size=pp, num_microbatches=2)
-    trainer = L.Trainer(accelerator="cpu", devices=tp * pp, strategy=strategy, precision=precision, max_steps=3,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=callbacks)
+    # Lightning turns Trainer(accelerator="cpu", precision="16-mixed") into bf16-mixed; fp16 with loss scaling
+    # on CPU takes the plugin itself.
+    plugins = [HybridMixedPrecision("16-mixed", device="cpu", init_scale=2.0**10)] if precision == "16-mixed" else None
+    trainer = L.Trainer(accelerator="cpu", devices=tp * pp, strategy=strategy, max_steps=3, logger=False,
+                        precision=None if plugins else precision, plugins=plugins, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     trainer.fit(module, DataLoader(data, batch_size=GLOBAL_BATCH, shuffle=True))
     recorder = callbacks[0]
     finite = all(torch.isfinite(local_tensor(p.detach())).all() for p in module.parameters())
-    return {"losses": recorder.losses, "changed": recorder.changed, "finite": bool(finite)}
+    return {"losses": recorder.losses, "changed": recorder.changed, "finite": bool(finite),
+            "scales": recorder.scales, "plugin": type(trainer.precision_plugin).__name__}
 
 
 def _precision_runs(layout: tuple[int, int]) -> list[dict]:
@@ -271,7 +276,10 @@ def test_precision_matrix(layout):
         for rank in range(2):
             run = results[rank][index]
             assert run["finite"] and all(map(torch.isfinite, torch.tensor(run["losses"]))), (family, precision, rank)
-            if precision.endswith("+inf"):  # step 1 skipped on both ranks, the others trained
+            assert run["plugin"] == "HybridMixedPrecision"
+            assert (run["scales"][0] is not None) == precision.startswith("16-mixed"), (family, precision)
+            if precision.endswith("+inf"):  # step 1 skipped on both ranks (the scale backs off), the others trained
                 assert run["changed"] == [True, False, True], (family, layout, rank, run["changed"])
+                assert run["scales"] == [1024.0, 512.0, 512.0], (family, layout, rank, run["scales"])
             else:
                 assert all(run["changed"]), (family, precision, rank, run["changed"])

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -20,13 +19,12 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import _PATH, ReduceOp
-from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -47,16 +45,8 @@ from lit_parallel.parallel.local_sgd import (
 from lit_parallel.parallel.mesh import ParallelDims, build_mesh, new_dp_groups
 from lit_parallel.parallel.pipeline_runtime import PipelineRuntime, positional_inputs
 from lit_parallel.parallel.pipeline_schedules import PipelineOptions
-from lit_parallel.parallel.sharded_checkpoint import (
-    COMPRESSION_KEY,
-    DP_SYNC_FILE,
-    REPLICA_KEY,
-    load_sharded,
-    read_meta,
-    remove_path,
-    save_sharded,
-)
 from lit_parallel.precision import HybridPrecision, to_mesh_aware
+from lit_parallel.strategies._hybrid_checkpoint import ShardedCheckpointMixin
 from lit_parallel.strategies._launch import (
     check_replicas_after_round,
     check_replicas_now,
@@ -82,7 +72,7 @@ _PRESETS = {
 }
 
 
-class HybridParallelStrategy(ParallelStrategy):
+class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
     """Data × tensor × pipeline parallelism on one ``("pp", "dp", "tp")`` DeviceMesh.
 
     Any LightningModule trains with ``pipeline_parallel_size=1``: its own ``training_step`` runs, data
@@ -645,158 +635,6 @@ class HybridParallelStrategy(ParallelStrategy):
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
-
-    # -- checkpoints (torch distributed checkpoint, one folder, atomic) ---------------------------
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(self.lightning_module)
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        pass  # done in load_checkpoint
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        return get_optimizer_state_dict(self.lightning_module, optimizer)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        pass  # done in load_checkpoint
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Write a DCP folder under a temporary name and rename it once every rank has finished."""
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options.")
-        assert self.dims is not None
-        path = Path(self.broadcast(str(filepath)))
-        state = {"model": checkpoint.pop("state_dict")}
-        for index, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
-            state[f"optimizer_{index}"] = optim_state
-        replica_key, rank_files = None, {}
-        if self._dp_state is not None:
-            coords = self.dims.coordinates(self.global_rank)
-            # The replicas differ between synchronizations: every dp replica keeps its own entries.
-            replica_key = REPLICA_KEY.format(coords["dp"])
-            # Outer state (counters; DiLoCo's global parameters, momentum, exchange in flight): identical
-            # across dp, one file per (tp, pp) shard.
-            dp_state = self._dp_state.state_dict()  # every rank: it waits for an exchange in flight
-            if coords["dp"] == 0:
-                rank_files[DP_SYNC_FILE.format(coords["tp"], coords["pp"])] = dp_state
-        if self._compression is not None:
-            # Error-feedback memory differs per rank (per dp replica and per tp/pp shard): keep every rank's.
-            states: list[Any] = [None] * self.world_size
-            dist.all_gather_object(states, self.compressor.state_dict())
-            checkpoint[COMPRESSION_KEY] = states
-        checkpoint["parallel_layout"] = self._layout()
-        save_sharded(path, state, checkpoint, is_writer=self.is_global_zero, barrier=self.barrier,
-                     replica_key=replica_key, rank_files=rank_files)
-
-    def _layout(self) -> dict[str, Any]:
-        assert self.dims is not None
-        sync = self.data_parallel_sync
-        return {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp,
-                "pipeline_schedule": self.pipeline_schedule, "virtual_pipeline_stages": self.virtual_pipeline_stages,
-                "data_parallel_sync": None if sync is None else type(sync).__name__}
-
-    @override
-    def remove_checkpoint(self, filepath: _PATH) -> None:
-        if self.is_global_zero:
-            remove_path(Path(filepath))
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load a checkpoint folder written with any (tp, pp, dp) layout into this one."""
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        path = Path(checkpoint_path)
-        meta = read_meta(path, type(self).__name__)
-        saved_sync = (meta.get("parallel_layout") or {}).get("data_parallel_sync")
-        module = self.lightning_module
-        state: dict[str, Any] = {"model": get_model_state_dict(module)}
-        optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
-        for index, optimizer in enumerate(optimizers):
-            state[f"optimizer_{index}"] = get_optimizer_state_dict(module, optimizer)
-        key = self._replica_key(meta, path) if saved_sync is not None else None
-        load_sharded(path, state, key)
-        set_model_state_dict(module, state["model"], )
-        for index, optimizer in enumerate(optimizers):
-            set_optimizer_state_dict(module, optimizer, state[f"optimizer_{index}"])
-        self._load_dp_sync_state(saved_sync, path)
-        self._load_compression_state(meta, path)
-        return meta
-
-    def _replica_key(self, meta: dict[str, Any], path: Path) -> str:
-        """This rank's replica entry of a checkpoint written with ``data_parallel_sync`` (same layout only)."""
-        assert self.dims is not None
-        saved = meta["parallel_layout"]
-        if self._dp_state is None or saved != self._layout():
-            raise ConfigurationError(
-                f"{path} was written with data_parallel_sync={saved['data_parallel_sync']} and layout {saved}; "
-                f"its replicas differ, so it resumes only with the same layout and data_parallel_sync "
-                f"(this run: {self._layout()})."
-            )
-        return REPLICA_KEY.format(self.dims.coordinates(self.global_rank)["dp"])
-
-    def _load_dp_sync_state(self, saved_sync: str | None, path: Path) -> None:
-        if self._dp_state is None:
-            return
-        if saved_sync is None:
-            # A checkpoint of synchronous training: every replica starts from it, the algorithm afresh.
-            if isinstance(self._dp_state, DiLoCoState):
-                self._dp_state.reset_global(self._local_parameters())
-            rank_zero_warn(f"{path} was written without data_parallel_sync; {self.data_parallel_sync!r} starts "
-                           "from its parameters with a fresh round counter.")
-            return
-        assert self.dims is not None
-        coords = self.dims.coordinates(self.global_rank)
-        dp_state = torch.load(path / DP_SYNC_FILE.format(coords["tp"], coords["pp"]), map_location="cpu",
-                              weights_only=True)
-        self._dp_state.load_state_dict(dp_state)
-
-    def _load_compression_state(self, meta: dict[str, Any], path: Path) -> None:
-        states = meta.get(COMPRESSION_KEY)
-        if self._compression is None:
-            return
-        if states is None:
-            rank_zero_warn(f"{path} holds no gradient-compression state; {self.compressor!r} starts afresh.")
-            return
-        if meta.get("parallel_layout") != self._layout():
-            # Error feedback is per local shard; it cannot be mapped onto another sharding.
-            rank_zero_warn(f"{path} was written with layout {meta.get('parallel_layout')} and this run uses "
-                           f"{self._layout()}; the gradient-compression memory starts afresh.")
-            return
-        self.compressor.load_state_dict(states[self.global_rank])
-
-    def export_state_dict(self) -> dict[str, Tensor] | None:
-        """The full, unsplit network state dict (original FQNs) on global rank 0; ``None`` elsewhere."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        net = getattr(self.lightning_module, "model", None)
-        net = net if isinstance(net, nn.Module) else self.lightning_module
-        local = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-        assert self.dims is not None
-        coords = self.dims.coordinates(self.global_rank)
-        mine = {k: v.detach().cpu().clone() for k, v in local.items()} if coords["dp"] == coords["tp"] == 0 else {}
-        gathered: list[Any] = [None] * self.world_size if self.is_global_zero else []
-        dist.gather_object(mine, gathered if self.is_global_zero else None, dst=0)
-        if not self.is_global_zero:
-            return None
-        full: dict[str, Tensor] = {}
-        for part in gathered:
-            full.update(part)
-        return full
 
     @classmethod
     @override

@@ -1,15 +1,22 @@
-"""Which networks of a LightningModule the hybrid strategy splits, and the pipeline contract it checks."""
+"""Which networks of a LightningModule the hybrid strategy splits, how (:class:`ModelParallelizer`), and the
+pipeline contract it checks. No Lightning import: it works on the module tree and the mesh."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from lit_parallel.errors import ConfigurationError
-from lit_parallel.parallel.families import get_family
+from lit_parallel.parallel.families import family_names, get_family
+from lit_parallel.parallel.pipeline_runtime import PipelineRuntime
+from lit_parallel.parallel.pipeline_schedules import PipelineOptions
 
-__all__ = ["PIPELINE_HOOKS", "check_pipeline_module", "find_networks", "guard_direct_calls"]
+__all__ = ["PIPELINE_HOOKS", "ModelParallelizer", "check_pipeline_module", "find_networks", "guard_direct_calls",
+           "has_dtensors"]
 
 PIPELINE_HOOKS = ("model_inputs", "loss_target", "loss_fn")
 """What a LightningModule defines for pipeline parallelism (``lit_parallel.models.ParallelModule`` has them)."""
@@ -77,3 +84,102 @@ def _refuse_direct_call(net: nn.Module, *_: Any) -> None:
 def guard_direct_calls(net: nn.Module) -> None:
     """Make a direct call of a pipelined network fail loudly (the stages call its submodules, never it)."""
     net.register_forward_pre_hook(_refuse_direct_call)
+
+
+def has_dtensors(net: nn.Module) -> bool:
+    """Whether any parameter is a DTensor (a tensor-parallel plan was applied, e.g. in ``configure_model``)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in net.parameters())
+
+
+def _set_submodule(module: nn.Module, path: str, net: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, name, net)
+
+
+@dataclass(frozen=True)
+class ModelParallelizer:
+    """Splits the networks of a LightningModule over the ``("pp", "dp", "tp")`` mesh: pipeline split first,
+    then the tensor-parallel plan per stage (torchtitan's order). Checks everything it can before any
+    process group (:meth:`validate`); :meth:`parallelize` runs once the mesh exists.
+
+    Args:
+        tp: tensor-parallel size.
+        pipeline: the validated pipeline settings (``size`` is the pipeline-parallel size).
+        model_family: ``"auto"`` or a registered family name.
+        auto_tensor_parallel: apply the family's plan to networks without DTensor parameters.
+        split_points: user stage boundaries, or ``None``.
+        owner: the strategy's name, for messages.
+    """
+
+    tp: int
+    pipeline: PipelineOptions
+    model_family: str = "auto"
+    auto_tensor_parallel: bool = True
+    split_points: list[str] | None = None
+    owner: str = "HybridParallelStrategy"
+
+    def networks(self, module: nn.Module) -> dict[str, nn.Module]:
+        return find_networks(module, pipeline=self.pipeline.size > 1)
+
+    def _family(self, net: nn.Module) -> str | None:
+        if self.split_points is not None and self.model_family == "auto":
+            return None  # split_points choose the stages; the family is still detected for its stage forward
+        return get_family(net, self.model_family).name
+
+    def validate(self, module: nn.Module) -> None:
+        """Every check that needs no collective: pipeline contract, family, TP divisibility, pipeline split."""
+        from lit_parallel.parallel.pipeline import validate_pipeline
+        from lit_parallel.parallel.tensor_parallel import validate_tensor_parallel
+
+        pp = self.pipeline.size
+        if self.tp == 1 and pp == 1:
+            return
+        if pp > 1:
+            check_pipeline_module(module, self.owner)
+        for net in self.networks(module).values():
+            if self.tp > 1 and self.auto_tensor_parallel and not has_dtensors(net):
+                validate_tensor_parallel(net, self.tp, get_family(net, self.model_family).name)
+            if pp > 1:
+                validate_pipeline(net, pp, self.pipeline.stages_per_rank, self.pipeline.schedule,
+                                  self.pipeline.microbatches, None, self._family(net), self.split_points)
+
+    def parallelize(self, module: nn.Module, mesh: DeviceMesh, device: torch.device) -> PipelineRuntime | None:
+        """Split and shard ``module``'s networks in place; returns this rank's pipeline runtime (or ``None``).
+
+        Raises:
+            ConfigurationError: tensor parallelism requested but nothing to shard.
+        """
+        from lit_parallel.parallel.tensor_parallel import apply_tensor_parallel
+
+        runtime = None
+        for path, net in self.networks(module).items():
+            user_parallelized = has_dtensors(net)  # a plan applied in configure_model
+            if self.pipeline.size > 1:
+                net, runtime = self._split(net, mesh, device)
+            if self.tp > 1 and self.auto_tensor_parallel and not user_parallelized:
+                apply_tensor_parallel(net, mesh["tp"], get_family(net, self.model_family).name)
+            _set_submodule(module, path, net)
+        if self.tp > 1 and not has_dtensors(module):
+            raise ConfigurationError(
+                f"tensor_parallel_size={self.tp} but {type(module).__name__} holds no network a model family covers "
+                f"(registered: {family_names()}) and configure_model applied no plan; shard it yourself in "
+                "configure_model with self.device_mesh['tp'] (docs/hybrid.md, 'Your own LightningModule'), keep it "
+                "in self.model with model_family=..., or use tensor_parallel_size=1."
+            )
+        return runtime
+
+    def _split(self, net: nn.Module, mesh: DeviceMesh, device: torch.device) -> tuple[nn.Module, PipelineRuntime]:
+        from lit_parallel.parallel.pipeline import build_local_model, plan_pipeline, stage_ids_for_rank
+
+        options = self.pipeline
+        plan = plan_pipeline(net, options.size * options.stages_per_rank, family=self._family(net),
+                             split_points=self.split_points)
+        stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), options.size, options.schedule,
+                                       options.stages_per_rank)
+        local_model, stage_modules = build_local_model(net, plan, stage_ids)
+        guard_direct_calls(local_model)
+        runtime = PipelineRuntime(plan, stage_ids, stage_modules, mesh.get_group("pp"), device, options.schedule,
+                                  options.microbatches)
+        return local_model, runtime

@@ -26,14 +26,14 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.context import ParallelContext
 from lit_parallel.parallel.data_parallel import GradientSynchronizer, local_tensor
-from lit_parallel.parallel.families import ModelFamily, family_names, get_family
+from lit_parallel.parallel.families import get_family
 from lit_parallel.parallel.local_sgd import (
     DiLoCo,
     DiLoCoState,
@@ -55,7 +55,7 @@ from lit_parallel.strategies._launch import (
     mesh_layer_sync,
     replica_check_interval,
 )
-from lit_parallel.strategies._modules import check_pipeline_module, find_networks, guard_direct_calls
+from lit_parallel.strategies._modules import ModelParallelizer
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -167,6 +167,9 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
             get_family(name=model_family)  # an unknown name is refused here, the model is checked at setup
         self._tp, self._pp, self._dp_arg = tensor_parallel_size, pipeline_parallel_size, data_parallel_size
         self.pipeline_schedule = pipeline_schedule
+        self._parallelizer = ModelParallelizer(tensor_parallel_size, self._pipeline_options, model_family,
+                                               auto_tensor_parallel, list(split_points) if split_points else None,
+                                               type(self).__name__)
         self.split_points = list(split_points) if split_points else None
         self.model_family = model_family
         self.auto_tensor_parallel = auto_tensor_parallel
@@ -348,7 +351,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
                     f"pp={self.dims.pp}, world_size={world_size}); use more processes or drop it."
                 )
         if not self._is_parallelized():
-            self._validate_model()  # every check that needs no collective, before the process group exists
+            self._parallelizer.validate(self.lightning_module)  # every check that needs no collective
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
         )
@@ -377,33 +380,6 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         """Whether this module was already split and sharded by this strategy (fit, then test)."""
         return self._parallelized is not None and self._parallelized() is self.lightning_module
 
-    def _networks(self) -> dict[str, nn.Module]:
-        """The networks the strategy splits, by attribute path in the LightningModule (see :func:`find_networks`)."""
-        return find_networks(self.lightning_module, pipeline=self.dims is not None and self.dims.pp > 1)
-
-    def _family(self, net: nn.Module) -> ModelFamily:
-        return get_family(net, self.model_family)
-
-    def _validate_model(self) -> None:
-        assert self.dims is not None
-        if self.dims.tp == 1 and self.dims.pp == 1:
-            return
-        if self.dims.pp > 1:
-            check_pipeline_module(self.lightning_module, type(self).__name__)
-        for net in self._networks().values():
-            if self.dims.tp > 1 and self.auto_tensor_parallel and not _has_dtensors(net):
-                from lit_parallel.parallel.tensor_parallel import validate_tensor_parallel
-
-                validate_tensor_parallel(net, self.dims.tp, self._family(net).name)
-            if self.dims.pp > 1:
-                from lit_parallel.parallel.pipeline import validate_pipeline
-
-                family = None if self.split_points is not None and self.model_family == "auto" else self._family(net)
-                validate_pipeline(
-                    net, self.dims.pp, self.virtual_pipeline_stages, self.pipeline_schedule, self.num_microbatches,
-                    None, None if family is None else family.name, self.split_points,
-                )
-
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.dims is not None
@@ -413,22 +389,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
             self.model = module
             self._finish_setup(trainer)
             return
-        for path, net in self._networks().items():
-            user_parallelized = _has_dtensors(net)  # a plan applied in configure_model
-            if self.dims.pp > 1:
-                net = self._setup_pipeline(net)
-            if self.dims.tp > 1 and self.auto_tensor_parallel and not user_parallelized:
-                from lit_parallel.parallel.tensor_parallel import apply_tensor_parallel
-
-                apply_tensor_parallel(net, self.device_mesh["tp"], self._family(net).name)
-            _set_submodule(module, path, net)
-        if self.dims.tp > 1 and not _has_dtensors(module):
-            raise ConfigurationError(
-                f"tensor_parallel_size={self.dims.tp} but {type(module).__name__} holds no network a model family "
-                f"covers (registered: {family_names()}) and configure_model applied no plan; shard it yourself in "
-                "configure_model with self.device_mesh['tp'] (docs/hybrid.md, 'Your own LightningModule'), keep it "
-                "in self.model with model_family=..., or use tensor_parallel_size=1."
-            )
+        self._pipeline = self._parallelizer.parallelize(module, self.device_mesh, self.root_device)
         if self._layer_sync is not None:
             # Trainer(sync_batchnorm=True): statistics over the dp axis only (tp/pp peers see the same batch).
             self._layer_sync = mesh_layer_sync(self._layer_sync, self.data_parallel_group)
@@ -478,21 +439,6 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
-
-    def _setup_pipeline(self, net: nn.Module) -> nn.Module:
-        from lit_parallel.parallel.pipeline import build_local_model, plan_pipeline, stage_ids_for_rank
-
-        assert self.dims is not None
-        family = None if self.split_points is not None and self.model_family == "auto" else self._family(net).name
-        num_stages = self.dims.pp * self.virtual_pipeline_stages
-        plan = plan_pipeline(net, num_stages, family=family, split_points=self.split_points)
-        pp_rank = self.device_mesh["pp"].get_local_rank()
-        stage_ids = stage_ids_for_rank(pp_rank, self.dims.pp, self.pipeline_schedule, self.virtual_pipeline_stages)
-        local_model, stage_modules = build_local_model(net, plan, stage_ids)
-        guard_direct_calls(local_model)
-        self._pipeline = PipelineRuntime(plan, stage_ids, stage_modules, self.pipeline_parallel_group,
-                                         self.root_device, self.pipeline_schedule, self.num_microbatches)
-        return local_model
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
@@ -642,16 +588,3 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         for name, kwargs in _PRESETS.items():
             strategy_registry.register(name, cls, description=f"HybridParallelStrategy {kwargs or 'defaults'}",
                                        **kwargs)
-
-
-def _has_dtensors(net: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in net.parameters())
-
-
-def _set_submodule(module: nn.Module, path: str, net: nn.Module) -> None:
-    if not path:
-        return
-    parent, _, name = path.rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, name, net)

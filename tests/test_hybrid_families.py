@@ -283,3 +283,23 @@ def test_precision_matrix(layout):
                 assert run["scales"] == [1024.0, 512.0, 512.0], (family, layout, rank, run["scales"])
             else:
                 assert all(run["changed"]), (family, precision, rank, run["changed"])
+
+
+def test_module_that_cannot_be_pipelined_is_refused():
+    from lit_parallel.strategies._modules import check_pipeline_module, guard_direct_calls
+
+    with pytest.raises(ConfigurationError, match=r"needs PlainModule.model to be the network \(got NoneType\).*"
+                                                 r"model_inputs\(batch\).*run_forward_loss"):
+        check_pipeline_module(PlainModule(), "HybridParallelStrategy")
+
+    class NoHooks(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+
+    with pytest.raises(ConfigurationError, match=r"NoHooks lacks \['model_inputs', 'loss_target', 'loss_fn'\]"):
+        check_pipeline_module(NoHooks(), "HybridParallelStrategy")
+    net = nn.Sequential(nn.Linear(2, 2))
+    guard_direct_calls(net)
+    with pytest.raises(ConfigurationError, match="Sequential was called directly.*holds only its stages"):
+        net(torch.ones(1, 2))

@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.families import get_family
 from lit_parallel.parallel.pruning import check_sparsity, comm_device
 from lit_parallel.strategies.context import parallel_context
 
@@ -97,7 +98,13 @@ def attention_layers(model: nn.Module) -> dict[str, _Attention]:
         ConfigurationError: the model has no attention heads this module knows how to prune, or its
             attention weights are tensor-parallel shards.
     """
-    found = {name: layer for name, m in model.named_modules() if (layer := _classify(m)) is not None}
+    # A registered family says which submodule of its blocks is the attention (``attention``, ``attn``, ``self_attn``).
+    try:
+        attribute = get_family(model).attention_module
+    except ConfigurationError:
+        attribute = None
+    found = {name: layer for name, m in model.named_modules()
+             if (attribute is None or name.rpartition(".")[2] == attribute) and (layer := _classify(m)) is not None}
     if not found:
         raise ConfigurationError(
             f"{type(model).__name__} has no attention heads to prune; valid: HF BERT-like (self.query/key/value "

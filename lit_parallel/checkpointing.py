@@ -16,7 +16,6 @@ file's name and the reason) about every newer one it skips. A checkpoint is ther
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import warnings
 import zipfile
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lit_parallel.parallel.safe_load import UnsafeCheckpointError, load_dcp_metadata, unsafe_globals
 from lit_parallel.parallel.sharded_checkpoint import META_FILE
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "capture_rng_state",
     "checkpoint_problem",
     "find_resume_checkpoint",
+    "inspect",
     "list_checkpoints",
     "restore_rng_state",
 ]
@@ -50,6 +51,9 @@ def _zip_problem(path: Path) -> str | None:
         return f"{path.name} is not a readable torch.save archive ({type(err).__name__}: {err}); truncated?"
     if bad is not None:
         return f"member {bad!r} of {path.name} fails its CRC check"
+    unsafe = unsafe_globals(path)  # read from the pickle's opcodes, nothing is run
+    if unsafe:
+        return f"{path.name} refers to {unsafe}, outside the allow-list of checkpoint types (it could run code)"
     return None
 
 
@@ -60,8 +64,9 @@ def _dcp_problem(folder: Path) -> str | None:
     if not (folder / _LIGHTNING_META).is_file():
         return f"{_LIGHTNING_META} is missing"
     try:
-        with open(metadata_file, "rb") as handle:
-            metadata = pickle.load(handle)
+        metadata = load_dcp_metadata(folder)  # restricted: only DCP's own classes are resolved
+    except UnsafeCheckpointError as err:
+        return str(err)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a damaged file
         return f"{_DCP_META} cannot be read ({type(err).__name__}: {err})"
     needed: dict[str, int] = {}
@@ -167,3 +172,111 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- inspecting a checkpoint before trusting it -----------------------------------------------------------
+def _tensor_summary(tree: Any) -> tuple[int, int]:
+    """(number of tensors, bytes) in a nested state."""
+    if isinstance(tree, torch.Tensor):
+        return 1, tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        items = list(tree.values())
+    elif isinstance(tree, list | tuple):
+        items = list(tree)
+    else:
+        return 0, 0
+    count = size = 0
+    for item in items:
+        c, s = _tensor_summary(item)
+        count, size = count + c, size + s
+    return count, size
+
+
+def _trainer_state(state: dict[str, Any]) -> dict[str, Any]:
+    keys = sorted(k for k in state if k not in ("state_dict", "optimizer_states"))
+    return {"epoch": state.get("epoch"), "global_step": state.get("global_step"),
+            "layout": state.get("parallel_layout"), "keys": keys,
+            "callbacks": sorted(str(k) for k in (state.get("callbacks") or {}))}
+
+
+def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a checkpoint holds, read without running anything from it.
+
+    Works on a ``.ckpt`` file and on a hybrid-strategy DCP folder. The pickles' globals are listed from their
+    opcodes first; an unsafe checkpoint is reported (``"unsafe"``), not loaded. A safe one is read with
+    ``weights_only=True`` (``.ckpt``, ``meta.pt``) and the restricted DCP unpickler (``.metadata``).
+
+    Returns:
+        ``{"path", "kind", "problem", "unsafe", "epoch", "global_step", "layout", "keys", "callbacks",
+        "tensors", "bytes"}`` (the trainer-state fields are absent when the checkpoint is unsafe or damaged).
+
+    Example::
+
+        from lit_parallel.checkpointing import inspect
+        inspect("outputs/mnist/checkpoints/last.ckpt")["global_step"]
+    """
+    from lit_parallel.parallel.safe_load import safe_torch_load
+
+    path = Path(path)
+    kind = "dcp" if path.is_dir() else "torch.save"
+    report: dict[str, Any] = {"path": str(path), "kind": kind, "problem": checkpoint_problem(path), "unsafe": []}
+    archives = [path / _LIGHTNING_META] if kind == "dcp" else [path]
+    for archive in archives:
+        if archive.is_file():
+            try:
+                report["unsafe"] += unsafe_globals(archive)
+            except Exception:  # noqa: BLE001 - not a readable archive: reported as the problem
+                pass
+    if kind == "dcp":
+        try:
+            load_dcp_metadata(path)
+        except UnsafeCheckpointError as err:
+            report["unsafe"] += err.globals
+        except OSError:
+            pass
+    if report["unsafe"]:
+        return report
+    try:
+        if kind == "dcp":
+            report |= _trainer_state(safe_torch_load(path / _LIGHTNING_META))
+            metadata = load_dcp_metadata(path)
+            sizes = [m.size.numel() * m.properties.dtype.itemsize for m in metadata.state_dict_metadata.values()
+                     if hasattr(m, "size")]
+            report["tensors"], report["bytes"] = len(sizes), sum(sizes)
+        else:
+            state = safe_torch_load(path)
+            report |= _trainer_state(state)
+            report["tensors"], report["bytes"] = _tensor_summary(
+                {"state_dict": state.get("state_dict"), "optimizer_states": state.get("optimizer_states")})
+    except Exception as err:  # noqa: BLE001 - a damaged checkpoint is described, not raised
+        report["problem"] = report["problem"] or f"{type(err).__name__}: {err}"
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lit-parallel-inspect PATH [PATH ...]``: print what each checkpoint holds; exit 1 if any is unsafe
+    or damaged."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="lit-parallel-inspect", description=main.__doc__)
+    parser.add_argument("paths", nargs="+", help="a .ckpt file or a hybrid-strategy checkpoint folder")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
+    args = parser.parse_args(argv)
+    status = 0
+    for name in args.paths:
+        report = inspect(name)
+        bad = report["unsafe"] or report["problem"]
+        status = status or int(bool(bad))
+        if args.json:
+            print(json.dumps(report, default=str))
+            continue
+        print(f"{report['path']} ({report['kind']})")
+        if report["unsafe"]:
+            print(f"  UNSAFE: refers to {report['unsafe']}; not loaded")
+        if report["problem"]:
+            print(f"  problem: {report['problem']}")
+        for key in ("epoch", "global_step", "layout", "tensors", "bytes", "callbacks", "keys"):
+            if key in report:
+                print(f"  {key}: {report[key]}")
+    return status

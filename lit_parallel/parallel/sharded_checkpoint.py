@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from lit_parallel.parallel.safe_load import SafeFileSystemReader, load_dcp_metadata, safe_torch_load
+
 __all__ = ["COMPRESSION_KEY", "DP_SYNC_FILE", "META_FILE", "REPLICA_KEY", "load_sharded", "read_meta",
            "remove_path", "save_sharded"]
 
@@ -76,17 +78,25 @@ def read_meta(path: Path, owner: str = "sharded") -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``path`` is not a complete folder (``.metadata`` and :data:`META_FILE`).
+        UnsafeCheckpointError: ``.metadata`` or :data:`META_FILE` names a global outside the allow-list (nothing
+            is run).
     """
     if not (path / ".metadata").is_file() or not (path / META_FILE).is_file():
         raise FileNotFoundError(
             f"{path} is not a complete {owner} checkpoint (a DCP folder with .metadata and {META_FILE}); "
             "incomplete checkpoints end in '.incomplete' and are never loaded."
         )
-    return torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+    load_dcp_metadata(path)  # refuses a crafted .metadata before any state is touched
+    return safe_torch_load(path / META_FILE)
 
 
 def load_sharded(path: Path, state: dict[str, Any], replica_key: str | None = None) -> None:
-    """Fill ``state`` in place from the folder, resharded to the DTensor layouts ``state`` holds."""
+    """Fill ``state`` in place from the folder, resharded to the DTensor layouts ``state`` holds.
+
+    Raises:
+        UnsafeCheckpointError: ``.metadata`` names a global outside DCP's own classes (nothing is run).
+    """
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(state if replica_key is None else {replica_key: state}, checkpoint_id=path)
+    load_dcp_metadata(path)  # our error, by name, before DCP's collective wraps it
+    dcp.load(state if replica_key is None else {replica_key: state}, storage_reader=SafeFileSystemReader(path))

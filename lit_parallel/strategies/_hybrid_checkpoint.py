@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -21,6 +20,7 @@ from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.local_sgd import DiLoCoState
+from lit_parallel.parallel.safe_load import safe_torch_load
 from lit_parallel.parallel.sharded_checkpoint import (
     COMPRESSION_KEY,
     DP_SYNC_FILE,
@@ -158,8 +158,7 @@ class ShardedCheckpointMixin:
             return
         assert self.dims is not None
         coords = self.dims.coordinates(self.global_rank)
-        dp_state = torch.load(path / DP_SYNC_FILE.format(coords["tp"], coords["pp"]), map_location="cpu",
-                              weights_only=True)
+        dp_state = safe_torch_load(path / DP_SYNC_FILE.format(coords["tp"], coords["pp"]))
         self._dp_state.load_state_dict(dp_state)
 
     def _load_compression_state(self, meta: dict[str, Any], path: Path) -> None:

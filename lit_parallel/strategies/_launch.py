@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch.distributed import ProcessGroup
 
 from lit_parallel.parallel.context import ParallelContext
 from lit_parallel.parallel.process_group import init_process_group
+from lit_parallel.parallel.safe_load import check_safe
 from lit_parallel.plugins.sync_batchnorm import MeshSyncBatchNorm
 
 __all__ = ["connect", "mesh_layer_sync", "RestartSafeDDPMixin"]
@@ -103,6 +105,13 @@ class RestartSafeDDPMixin:
     def _layer_sync(self: Any, layer_sync: LayerSync | None) -> None:
         # Lightning's accelerator connector assigns TorchSyncBatchNorm here; DDPStrategy.setup applies it.
         self.__dict__["_mesh_layer_sync"] = mesh_layer_sync(layer_sync)
+
+    def load_checkpoint(self: Any, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, always with ``weights_only=True``; a file naming other globals is refused by name
+        before anything of it is unpickled (docs/fault_tolerance.md, "Safe loading")."""
+        if Path(checkpoint_path).is_file():
+            check_safe(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=True)  # type: ignore[misc]
 
     def on_exception(self: Any, exception: BaseException) -> None:
         exit_watchdog(self.world_size)

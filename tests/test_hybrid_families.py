@@ -6,7 +6,7 @@
   the user's own plan applied in ``configure_model``, equals one process.
 - Under pp=2 every backward / optimizer hook fires as often as on one process, ``on_after_backward`` sees the
   single-process gradients (tied GPT-2 weights included), and gradient accumulation is exact.
-- Every family x {bf16-mixed, 16-mixed} x {tp2, pp2} trains; an inf on one shard / stage skips the step on
+- Every family x {bf16-mixed, 16-mixed, bf16-true} x {tp2, pp2} trains; an inf on one shard / stage skips the step on
   every rank.
 - Bad input: unknown family, a sliding-window model forced onto the full-attention Llama family, a module
   that cannot be pipelined, registering a family twice.
@@ -238,6 +238,7 @@ def test_hooks_and_gradients_under_pp_match_single_process():
 
 # -- precision matrix --------------------------------------------------------------------------------
 _FAMILIES = ("mlp", "bert", "gpt2", "llama_odd_heads", *sorted(DECODERS))
+_PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true")  # 32-true: the equivalence tests
 _INJECT = {(2, 1): ("model.transformer.h.0.mlp.c_fc.weight", 1),  # a column shard on tp rank 1
            (1, 2): ("model.lm_head.weight", 1)}  # the tied head copy, on the last stage
 
@@ -264,19 +265,19 @@ def _precision_fit(family: str, layout: tuple[int, int], precision: str, inject:
 
 
 def _precision_runs(layout: tuple[int, int]) -> list[dict]:
-    runs = [_precision_fit(f, layout, p, False) for f in _FAMILIES for p in ("bf16-mixed", "16-mixed")]
+    runs = [_precision_fit(f, layout, p, False) for f in _FAMILIES for p in _PRECISIONS]
     return runs + [_precision_fit("gpt2", layout, "16-mixed", True)]
 
 
 @pytest.mark.parametrize("layout", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_precision_matrix(layout):
     results = run_distributed(_precision_runs, world_size=2, args=(layout,), init_process_group=False, timeout=600)
-    names = [(f, p) for f in _FAMILIES for p in ("bf16-mixed", "16-mixed")] + [("gpt2", "16-mixed+inf")]
+    names = [(f, p) for f in _FAMILIES for p in _PRECISIONS] + [("gpt2", "16-mixed+inf")]
     for index, (family, precision) in enumerate(names):
         for rank in range(2):
             run = results[rank][index]
             assert run["finite"] and all(map(torch.isfinite, torch.tensor(run["losses"]))), (family, precision, rank)
-            assert run["plugin"] == "HybridMixedPrecision"
+            assert run["plugin"] == ("HybridHalfPrecision" if precision == "bf16-true" else "HybridMixedPrecision")
             assert (run["scales"][0] is not None) == precision.startswith("16-mixed"), (family, precision)
             if precision.endswith("+inf"):  # step 1 skipped on both ranks (the scale backs off), the others trained
                 assert run["changed"] == [True, False, True], (family, layout, rank, run["changed"])

@@ -158,7 +158,9 @@ class PipelineRuntime:
             p.grad = grad
         # The first step also calls the loss once for metadata inference: keep the last m calls.
         losses = self._losses[-self.n_microbatches:]
-        loss = torch.stack(losses).mean() if self.has_last else torch.zeros((), device=self.device)
+        # float32 on every rank, whatever the loss dtype or torch's default dtype (bf16 inside bf16-true steps).
+        loss = (torch.stack(losses).float().mean() if self.has_last
+                else torch.zeros((), dtype=torch.float32, device=self.device))
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss
 
@@ -175,7 +177,7 @@ class PipelineRuntime:
             ndim = torch.tensor([output.ndim], dtype=torch.long, device=device)
             dtype_code = torch.tensor([_DTYPES.index(output.dtype)], device=device)
         else:
-            loss = torch.zeros((), device=device)
+            loss = torch.zeros((), dtype=torch.float32, device=device)
             ndim = torch.zeros(1, dtype=torch.long, device=device)
             dtype_code = torch.zeros(1, dtype=torch.long, device=device)
         for t in (loss, ndim, dtype_code):

@@ -41,8 +41,7 @@ class ShardedCheckpointMixin:
     dims: Any
     data_parallel_sync: Any
     pipeline_schedule: str
-    _dp_state: Any
-    _compression: Any
+    _dp: Any  # DataParallelAxis
 
     @override
     def lightning_module_state_dict(self: Any) -> dict[str, Any]:
@@ -77,16 +76,16 @@ class ShardedCheckpointMixin:
         for index, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{index}"] = optim_state
         replica_key, rank_files = None, {}
-        if self._dp_state is not None:
+        if self._dp.state is not None:
             coords = self.dims.coordinates(self.global_rank)
             # The replicas differ between synchronizations: every dp replica keeps its own entries.
             replica_key = REPLICA_KEY.format(coords["dp"])
             # Outer state (counters; DiLoCo's global parameters, momentum, exchange in flight): identical
             # across dp, one file per (tp, pp) shard.
-            dp_state = self._dp_state.state_dict()  # every rank: it waits for an exchange in flight
+            dp_state = self._dp.state.state_dict()  # every rank: it waits for an exchange in flight
             if coords["dp"] == 0:
                 rank_files[DP_SYNC_FILE.format(coords["tp"], coords["pp"])] = dp_state
-        if self._compression is not None:
+        if self._dp.compression is not None:
             # Error-feedback memory differs per rank (per dp replica and per tp/pp shard): keep every rank's.
             states: list[Any] = [None] * self.world_size
             dist.all_gather_object(states, self.compressor.state_dict())
@@ -138,7 +137,7 @@ class ShardedCheckpointMixin:
         """This rank's replica entry of a checkpoint written with ``data_parallel_sync`` (same layout only)."""
         assert self.dims is not None
         saved = meta["parallel_layout"]
-        if self._dp_state is None or saved != self._layout():
+        if self._dp.state is None or saved != self._layout():
             raise ConfigurationError(
                 f"{path} was written with data_parallel_sync={saved['data_parallel_sync']} and layout {saved}; "
                 f"its replicas differ, so it resumes only with the same layout and data_parallel_sync "
@@ -147,23 +146,23 @@ class ShardedCheckpointMixin:
         return REPLICA_KEY.format(self.dims.coordinates(self.global_rank)["dp"])
 
     def _load_dp_sync_state(self, saved_sync: str | None, path: Path) -> None:
-        if self._dp_state is None:
+        if self._dp.state is None:
             return
         if saved_sync is None:
             # A checkpoint of synchronous training: every replica starts from it, the algorithm afresh.
-            if isinstance(self._dp_state, DiLoCoState):
-                self._dp_state.reset_global(self._local_parameters())
+            if isinstance(self._dp.state, DiLoCoState):
+                self._dp.state.reset_global(self._local_parameters())
             rank_zero_warn(f"{path} was written without data_parallel_sync; {self.data_parallel_sync!r} starts "
                            "from its parameters with a fresh round counter.")
             return
         assert self.dims is not None
         coords = self.dims.coordinates(self.global_rank)
         dp_state = safe_torch_load(path / DP_SYNC_FILE.format(coords["tp"], coords["pp"]))
-        self._dp_state.load_state_dict(dp_state)
+        self._dp.state.load_state_dict(dp_state)
 
     def _load_compression_state(self, meta: dict[str, Any], path: Path) -> None:
         states = meta.get(COMPRESSION_KEY)
-        if self._compression is None:
+        if self._dp.compression is None:
             return
         if states is None:
             rank_zero_warn(f"{path} holds no gradient-compression state; {self.compressor!r} starts afresh.")

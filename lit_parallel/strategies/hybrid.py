@@ -32,15 +32,12 @@ from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.context import ParallelContext
-from lit_parallel.parallel.data_parallel import GradientSynchronizer, local_tensor
+from lit_parallel.parallel.data_parallel import local_tensor
+from lit_parallel.parallel.dp_axis import DataParallelAxis
 from lit_parallel.parallel.families import get_family
 from lit_parallel.parallel.local_sgd import (
     DiLoCo,
-    DiLoCoState,
     LocalSGD,
-    LocalSGDState,
-    check_threaded_backend,
-    resolve_dp_sync,
 )
 from lit_parallel.parallel.mesh import ParallelDims, build_mesh, new_dp_groups
 from lit_parallel.parallel.pipeline_runtime import PipelineRuntime, positional_inputs
@@ -161,8 +158,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
                              * (1 if data_parallel_size == "auto" else data_parallel_size))
         self._pipeline_options = PipelineOptions(pipeline_parallel_size, pipeline_schedule, num_microbatches,
                                                  virtual_pipeline_stages)
-        if bucket_cap_mb <= 0:
-            raise ConfigurationError(f"bucket_cap_mb={bucket_cap_mb} must be > 0.")
+        self._dp = DataParallelAxis(data_parallel_sync, gradient_compression, bucket_cap_mb)
         if model_family != "auto":
             get_family(name=model_family)  # an unknown name is refused here, the model is checked at setup
         self._tp, self._pp, self._dp_arg = tensor_parallel_size, pipeline_parallel_size, data_parallel_size
@@ -173,30 +169,14 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         self.split_points = list(split_points) if split_points else None
         self.model_family = model_family
         self.auto_tensor_parallel = auto_tensor_parallel
-        if isinstance(gradient_compression, str):
-            from lit_parallel.compression import get_compressor
-
-            gradient_compression = get_compressor(gradient_compression)
-        self._compression = gradient_compression
-        self.data_parallel_sync = resolve_dp_sync(data_parallel_sync)
-        self._dp_state: LocalSGDState | None = None
-        self._dp_sync_group: Any | None = None
         if process_group_backend is not None:
-            self._check_overlap(process_group_backend)
-        # Without compression the dp sync uses the exact "none" compressor, which counts bytes.
-        self._sync_compressor: Any | None = None
-        if gradient_compression is None:
-            from lit_parallel.compression import get_compressor
-
-            self._sync_compressor = get_compressor("none")
-        self.bucket_cap_mb = bucket_cap_mb
+            self._dp.check_backend(process_group_backend)
         self.overlap_grad_sync = overlap_grad_sync
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self.num_nodes = 1
         self.dims: ParallelDims | None = None
         self._device_mesh: DeviceMesh | None = None
-        self._grad_sync: GradientSynchronizer | None = None
         self._pipeline: PipelineRuntime | None = None
         self._parallelized: weakref.ref[Any] | None = None
         self._context: ParallelContext | None = None
@@ -205,17 +185,22 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
 
     # -- sizes and groups --------------------------------------------------------------------------
     @property
-    def replica_sync_every(self) -> int | None:
-        """With ``data_parallel_sync``: steps between rounds (dp replicas are identical right after one)."""
-        return None if self.data_parallel_sync is None else self.data_parallel_sync.sync_every
+    def data_parallel_sync(self) -> LocalSGD | DiLoCo | None:
+        """``None`` (gradients averaged every step) or the local SGD / DiLoCo algorithm of the dp axis."""
+        return self._dp.sync
 
     @property
-    def compressor(self) -> Any | None:
-        """The compressor of the data-parallel gradient sync (read by ``CommunicationMonitor``).
+    def replica_sync_every(self) -> int | None:
+        """With ``data_parallel_sync``: steps between rounds (dp replicas are identical right after one)."""
+        return self._dp.replica_sync_every
+
+    @property
+    def compressor(self) -> Any:
+        """The compressor of the data-parallel exchange (read by ``CommunicationMonitor``).
 
         Without ``gradient_compression`` it is the exact, byte-counting ``"none"`` compressor.
         """
-        return self._sync_compressor if self._sync_compressor is not None else self._compression
+        return self._dp.compressor
 
     @property
     def device_mesh(self) -> DeviceMesh:
@@ -340,11 +325,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         super().setup_environment()
         world_size = self.num_nodes * self.num_processes
         self.dims = ParallelDims.resolve(self._tp, self._pp, self._dp_arg, world_size)
-        dp_settings = {
-            "gradient_compression": None if self._compression is None else type(self._compression).__name__,
-            "data_parallel_sync": None if self.data_parallel_sync is None else repr(self.data_parallel_sync),
-        }
-        for name, shown in dp_settings.items():
+        for name, shown in self._dp.settings().items():
             if shown and self.dims.dp < 2:
                 raise ConfigurationError(
                     f"{name}={shown} needs data parallelism, but dp={self.dims.dp} (tp={self.dims.tp}, "
@@ -355,7 +336,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
         )
-        self._check_overlap(self._process_group_backend)
+        self._dp.check_backend(self._process_group_backend)
         reset_seed()
         self.set_world_ranks()
         connect(self.cluster_environment, self._process_group_backend, self._timeout, self.root_device)
@@ -396,41 +377,15 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
             module = self._layer_sync.apply(module)
         self.model = self.precision_plugin.convert_module(module)
         self.model_to_device()
-        if self._grad_sync is not None:
-            self._grad_sync.remove_hooks()
-            self._grad_sync = None
-        if self.data_parallel_sync is None:
-            self._grad_sync = GradientSynchronizer(
-                module.named_parameters(), group=self.data_parallel_group, compressor=self.compressor,
-                bucket_cap_mb=self.bucket_cap_mb, overlap=self.overlap_grad_sync and self.dims.pp == 1,
-            )
-        else:
-            self._setup_dp_sync()
+        self._dp.setup(module.named_parameters(), self._local_parameters(), self.data_parallel_group,
+                       overlap=self.overlap_grad_sync and self.dims.pp == 1,
+                       new_group=lambda: new_dp_groups(self.device_mesh, self._process_group_backend))
         self._parallelized = weakref.ref(module)
         self._finish_setup(trainer)
-
-    def _setup_dp_sync(self) -> None:
-        assert self.data_parallel_sync is not None and self.dims is not None
-        if isinstance(self._dp_state, DiLoCoState):
-            self._dp_state.close()
-        self._dp_state = self.data_parallel_sync.build(self._local_parameters(), self.compressor)
-        self._dp_sync_group = self.data_parallel_group
-        if self.data_parallel_sync.overlap:
-            # A group of its own per dp group, so the exchange in flight never queues behind (or blocks)
-            # other collectives on the dp group.
-            self._dp_sync_group = new_dp_groups(self.device_mesh, self._process_group_backend)
 
     def _local_parameters(self) -> list[Tensor]:
         """This rank's trainable parameters as plain tensors (the local shards of DTensors)."""
         return [local_tensor(p) for p in self.lightning_module.parameters() if p.requires_grad]
-
-    def _check_overlap(self, backend: str) -> None:
-        sync = self.data_parallel_sync
-        if sync is not None and sync.overlap and self._compression is not None:
-            check_threaded_backend(
-                backend, f"data_parallel_sync={sync!r} with gradient_compression={self._compression!r}",
-                "no gradient_compression",
-            )
 
     def _finish_setup(self, trainer: pl.Trainer) -> None:
         self.barrier()
@@ -509,35 +464,29 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
             return result
 
         output = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
-        if self._dp_state is None:
+        if self._dp.state is None:
             check_replicas_now(self, self.replica_check_every_n_steps, self.data_parallel_group)
-        elif self._dp_state.step(self._local_parameters(), self._dp_sync_group):
-            check_replicas_after_round(self, self.replica_check_every_n_steps, self._dp_state, self.data_parallel_group)
+        elif self._dp.after_optimizer_step(self._local_parameters()):
+            check_replicas_after_round(self, self.replica_check_every_n_steps, self._dp.state, self.data_parallel_group)
         return output
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
         """Gradient accumulation: no overlapped all-reduce until the step's last backward."""
-        sync = self._grad_sync
         self._accumulating = True
-        if sync is not None:
-            sync.enabled = False
+        self._dp.set_accumulating(True)
         try:
             yield
         finally:
             self._accumulating = False
-            if sync is not None:
-                sync.enabled = True
+            self._dp.set_accumulating(False)
 
     def sync_gradients(self) -> None:
         """Sum tied parameters' gradients across the stages that share them, then average over dp."""
         self._synced = True
         if self._pipeline is not None:
             self._pipeline.sync_tied_gradients(self.lightning_module.model)
-        if self._grad_sync is not None:
-            self._grad_sync.sync()
-            if self.compressor is not None:
-                self.compressor.step()
+        self._dp.sync_gradients()
 
     # -- collectives -------------------------------------------------------------------------------
     @override
@@ -572,9 +521,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
     @override
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
-        if isinstance(self._dp_state, DiLoCoState):
-            self._dp_state.close()
-        self._dp_sync_group = None
+        self._dp.close_exchange()
         module = self.lightning_module
         if module is not None and self._layer_sync is not None and module.trainer.state.fn == TrainerFn.FITTING:
             self._layer_sync.revert(module)  # as DDPStrategy: plain batch norm again after fit

@@ -143,10 +143,11 @@ def _plain_fit(layout: tuple[int, int] | None, user_plan: bool = False) -> tuple
 
 
 def _plain_runs() -> list:
-    return [_plain_fit((1, 2)), _plain_fit((2, 1), user_plan=True)]
+    # dp=2; tp=2 with the user's plan from configure_model; tp=2 with the plan found for self.net (sequential).
+    return [_plain_fit((1, 2)), _plain_fit((2, 1), user_plan=True), _plain_fit((2, 1))]
 
 
-def test_plain_lightning_module_dp2_and_user_tp_plan():
+def test_plain_lightning_module_dp2_and_tp2():
     results = run_distributed(_plain_runs, world_size=2, init_process_group=False, timeout=300)
     ref_losses_dp, ref_state_dp = _plain_fit(None)
     # tp=2, dp=1 replays one dp rank's order: the full global batch each step, in dp=1 order.
@@ -157,7 +158,7 @@ def test_plain_lightning_module_dp2_and_user_tp_plan():
               enable_progress_bar=False, enable_model_summary=False, callbacks=[rec]).fit(
         module, DataLoader(_plain_data(), batch_size=GLOBAL_BATCH, sampler=order))
     ref_tp = (rec.losses, {k: v.detach().clone() for k, v in module.state_dict().items()})
-    for index, (ref_losses, ref_state) in enumerate([(ref_losses_dp, ref_state_dp), ref_tp]):
+    for index, (ref_losses, ref_state) in enumerate([(ref_losses_dp, ref_state_dp), ref_tp, ref_tp]):
         for rank in range(2):
             torch.testing.assert_close(torch.tensor(results[rank][index][0]), torch.tensor(ref_losses), rtol=1e-5,
                                        atol=1e-7)

@@ -227,9 +227,10 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
                 report["unsafe"] += unsafe_globals(archive)
             except Exception:  # noqa: BLE001 - not a readable archive: reported as the problem
                 pass
+    metadata = None
     if kind == "dcp":
         try:
-            load_dcp_metadata(path)
+            metadata = load_dcp_metadata(path)
         except UnsafeCheckpointError as err:
             report["unsafe"] += err.globals
         except OSError:
@@ -239,7 +240,8 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         if kind == "dcp":
             report |= _trainer_state(safe_torch_load(path / _LIGHTNING_META))
-            metadata = load_dcp_metadata(path)
+            if metadata is None:
+                raise FileNotFoundError(f"{path / _DCP_META} cannot be read")
             sizes = [m.size.numel() * m.properties.dtype.itemsize for m in metadata.state_dict_metadata.values()
                      if hasattr(m, "size")]
             report["tensors"], report["bytes"] = len(sizes), sum(sizes)

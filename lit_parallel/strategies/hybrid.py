@@ -166,9 +166,6 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         self._parallelizer = ModelParallelizer(tensor_parallel_size, self._pipeline_options, model_family,
                                                auto_tensor_parallel, list(split_points) if split_points else None,
                                                type(self).__name__)
-        self.split_points = list(split_points) if split_points else None
-        self.model_family = model_family
-        self.auto_tensor_parallel = auto_tensor_parallel
         if process_group_backend is not None:
             self._dp.check_backend(process_group_backend)
         self.overlap_grad_sync = overlap_grad_sync

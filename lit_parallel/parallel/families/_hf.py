@@ -56,6 +56,16 @@ def divide(module: nn.Module, tp_size: int, attrs: tuple[str, ...]) -> None:
             setattr(module, attr, getattr(module, attr) // tp_size)
 
 
+def divide_heads(model: nn.Module, layers: str, attention: str, tp_size: int, attrs: tuple[str, ...]) -> None:
+    """Per-rank head counts in every attention this rank holds: ``base.<layers>[i].<attention>`` (dotted path)."""
+    base, _ = base_model(model)
+    holder = base
+    for name in layers.split("."):
+        holder = getattr(holder, name, None)
+    for _, layer in present(holder, attention.split(".")[0]):
+        divide(layer.get_submodule(attention), tp_size, attrs)
+
+
 def owned_modules(model: nn.Module, fqns: list[str]) -> None:
     """Raise ``AttributeError`` unless every FQN names a module of ``model``."""
     for fqn in fqns:

@@ -11,7 +11,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 
 from lit_parallel.parallel.families._hf import (
     base_model,
-    divide,
+    divide_heads,
     has,
     hf_config,
     owned_modules,
@@ -47,9 +47,7 @@ def _plan(model: nn.Module, _tp_size: int | None) -> dict[str, ParallelStyle]:
 
 
 def _localize(model: nn.Module, tp_size: int) -> None:
-    base, _ = base_model(model)
-    for _, layer in present(getattr(getattr(base, "encoder", None), "layer", None), "attention"):
-        divide(layer.attention.self, tp_size, ("num_attention_heads", "all_head_size"))
+    divide_heads(model, "encoder.layer", "attention.self", tp_size, ("num_attention_heads", "all_head_size"))
 
 
 def _validate(model: nn.Module, tp_size: int) -> None:

@@ -12,7 +12,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.families._hf import (
     base_model,
-    divide,
+    divide_heads,
     has,
     hf_config,
     owned_modules,
@@ -51,9 +51,7 @@ def _plan(model: nn.Module, _tp_size: int | None) -> dict[str, ParallelStyle]:
 
 def _localize(model: nn.Module, tp_size: int) -> None:
     # GPT2Attention splits the fused projection with split_size and reshapes with -1 heads.
-    base, _ = base_model(model)
-    for _, layer in present(getattr(base, "h", None), "attn"):
-        divide(layer.attn, tp_size, ("num_heads", "split_size", "embed_dim"))
+    divide_heads(model, "h", "attn", tp_size, ("num_heads", "split_size", "embed_dim"))
 
 
 def _validate(model: nn.Module, tp_size: int) -> None:

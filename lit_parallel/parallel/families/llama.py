@@ -20,7 +20,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.families._hf import (
     base_model,
-    divide,
+    divide_heads,
     has,
     hf_config,
     owned_modules,
@@ -89,9 +89,7 @@ def localize_tp(model: nn.Module, tp_size: int) -> None:
     # transformers 5 reshapes with -1 heads; older releases read these attributes as per-rank counts.
     if _uneven(model, tp_size):
         return  # GQAHeadParallel set each rank's own counts
-    base, _ = base_model(model)
-    for _, layer in present(getattr(base, "layers", None), "self_attn"):
-        divide(layer.self_attn, tp_size, ("num_heads", "num_key_value_heads", "hidden_size"))
+    divide_heads(model, "layers", "self_attn", tp_size, ("num_heads", "num_key_value_heads", "hidden_size"))
 
 
 def validate_tp(model: nn.Module, tp_size: int) -> None:

@@ -19,6 +19,13 @@ from torch import nn
 
 from lit_parallel.errors import ConfigurationError
 
+
+def real_device() -> Any:
+    """A device context for small state (metrics) built inside ``trainer.init_module(empty_init=True)``:
+    the current default device, or the CPU when that is the meta device (Lightning moves it later)."""
+    device = torch.get_default_device()
+    return torch.device("cpu" if device.type == "meta" else device)
+
 __all__ = ["ParallelModule"]
 
 _OPTIMIZERS = ("adamw", "adam", "sgd")

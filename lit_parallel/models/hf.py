@@ -15,7 +15,7 @@ import torchmetrics
 from torch import nn
 
 from lit_parallel.errors import ConfigurationError
-from lit_parallel.models.base import ParallelModule
+from lit_parallel.models.base import ParallelModule, real_device
 from lit_parallel.models.loading import load_causal_lm, load_sequence_classifier
 
 __all__ = ["CausalLM", "SequenceClassifier"]
@@ -81,16 +81,17 @@ class SequenceClassifier(ParallelModule):
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps modes as it finds them
         self.hf_config = getattr(self.model, "config", None)
         self.num_labels = num_labels
-        self.metrics = nn.ModuleDict(
-            {
-                f"{stage}_{name}": metric
-                for stage in ("val", "test")
-                for name, metric in (
-                    ("acc", torchmetrics.Accuracy(task="multiclass", num_classes=num_labels)),
-                    ("f1", torchmetrics.F1Score(task="multiclass", num_classes=num_labels, average="macro")),
-                )
-            }
-        )
+        with real_device():  # metric states are small: real tensors even under empty_init (meta)
+            self.metrics = nn.ModuleDict(
+                {
+                    f"{stage}_{name}": metric
+                    for stage in ("val", "test")
+                    for name, metric in (
+                        ("acc", torchmetrics.Accuracy(task="multiclass", num_classes=num_labels)),
+                        ("f1", torchmetrics.F1Score(task="multiclass", num_classes=num_labels, average="macro")),
+                    )
+                }
+            )
 
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return _hf_inputs(batch)
@@ -152,8 +153,9 @@ class CausalLM(ParallelModule):
         self.model = load_causal_lm(model) if isinstance(model, str) else model
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps modes as it finds them
         self.hf_config = getattr(self.model, "config", None)
-        self.val_ppl = torchmetrics.text.Perplexity(ignore_index=IGNORE_INDEX)
-        self.test_ppl = torchmetrics.text.Perplexity(ignore_index=IGNORE_INDEX)
+        with real_device():  # metric states are small: real tensors even under empty_init (meta)
+            self.val_ppl = torchmetrics.text.Perplexity(ignore_index=IGNORE_INDEX)
+            self.test_ppl = torchmetrics.text.Perplexity(ignore_index=IGNORE_INDEX)
         self.pretrained_val_ppl: float | None = None
         self.last_val_ppl: float | None = None
 

@@ -10,7 +10,7 @@ import torchmetrics
 from torch import nn
 
 from lit_parallel.errors import ConfigurationError
-from lit_parallel.models.base import ParallelModule
+from lit_parallel.models.base import ParallelModule, real_device
 
 __all__ = ["ImageClassifier", "mnist_cnn", "mlp"]
 
@@ -73,8 +73,9 @@ class ImageClassifier(ParallelModule):
             net = _NETS[net](num_classes=num_classes)
         self.model = net
         self.num_classes = num_classes
-        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
-        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        with real_device():  # metric states are small: real tensors even under empty_init (meta)
+            self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+            self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
 
     def model_inputs(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (batch[0],), {}

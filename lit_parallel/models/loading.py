@@ -268,6 +268,35 @@ def load_config(name: str, **overrides: Any) -> PretrainedConfig:
     return _from_pretrained(AutoConfig.from_pretrained, name, resolve_pretrained(name), **overrides)
 
 
+def _on_meta() -> bool:
+    """Whether the caller builds on the meta device (``trainer.init_module(empty_init=True)`` with a sharding
+    strategy): the model is then made from its config and its weights are read later, shard by shard."""
+    import torch
+
+    return torch.get_default_device().type == "meta"
+
+
+def _meta_model(auto: Any, name: str, **config_overrides: Any) -> PreTrainedModel:
+    """``auto.from_config`` on the meta device, with the pretrained files attached as a per-shard source."""
+    from lit_parallel.parallel.materialize import WEIGHTS_ATTR, SafetensorsSource
+
+    if name in DEBUG_MODELS:
+        return auto.from_config(load_config(name, **config_overrides))
+    from transformers import AutoConfig
+
+    folder = resolve_pretrained(name)
+    if not Path(folder).is_dir():
+        raise ConfigurationError(
+            f"model={name!r} resolves to {folder!r}, not a local folder, so it cannot be read shard by shard on the "
+            "meta device; download it first (a local folder or the hub cache path), or build it without "
+            "empty_init."
+        )
+    config = _from_pretrained(AutoConfig.from_pretrained, name, folder, **config_overrides)
+    model = auto.from_config(config)
+    setattr(model, WEIGHTS_ATTR, SafetensorsSource.from_folder(folder, model.base_model_prefix))
+    return model
+
+
 def load_sequence_classifier(name: str, num_labels: int) -> PreTrainedModel:
     """A sequence-classification model with pretrained encoder weights and a new ``num_labels`` head.
 
@@ -280,6 +309,8 @@ def load_sequence_classifier(name: str, num_labels: int) -> PreTrainedModel:
     """
     from transformers import AutoModelForSequenceClassification
 
+    if _on_meta():
+        return _meta_model(AutoModelForSequenceClassification, name, num_labels=num_labels)
     if name in DEBUG_MODELS:
         return AutoModelForSequenceClassification.from_config(load_config(name, num_labels=num_labels))
     return _from_pretrained(
@@ -290,11 +321,16 @@ def load_sequence_classifier(name: str, num_labels: int) -> PreTrainedModel:
 def load_causal_lm(name: str) -> PreTrainedModel:
     """A causal LM (float32 for the offline models): pretrained weights (GGUF converted once) or a random-init debug model.
 
+    On the meta device (``trainer.init_module(empty_init=True)``) the model is built from its config and
+    its safetensors files are attached for per-shard loading (:mod:`lit_parallel.parallel.materialize`).
+
     Raises:
         MissingDataError: see :func:`resolve_pretrained`.
     """
     from transformers import AutoModelForCausalLM
 
+    if _on_meta():
+        return _meta_model(AutoModelForCausalLM, name)
     if name in DEBUG_MODELS:
         return AutoModelForCausalLM.from_config(load_config(name))
     return _from_pretrained(AutoModelForCausalLM.from_pretrained, name, resolve_pretrained(name))

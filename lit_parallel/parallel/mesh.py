@@ -16,9 +16,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lit_parallel.errors import ConfigurationError
 
-__all__ = ["MESH_DIMS", "ParallelDims", "build_mesh", "local_tensor", "new_dp_groups"]
+__all__ = ["MESH_DIMS", "SHARDED_MESH_DIMS", "ParallelDims", "build_mesh", "local_tensor", "new_dp_groups"]
 
 MESH_DIMS = ("pp", "dp", "tp")
+SHARDED_MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+"""With a sharded dp axis (``zero_stage > 0``) dp is split into replicate x shard (HSDP); ``"dp"`` stays
+available as the flattened pair, so code that only needs the data-parallel group is unchanged."""
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -44,9 +47,13 @@ class ParallelDims:
         dp: data-parallel size (number of model replicas).
         tp: tensor-parallel size (ranks sharing each layer).
         world_size: total number of ranks; must equal ``pp * dp * tp``.
+        dp_shard: the data-parallel ranks that shard parameters / gradients / optimizer state (a divisor of
+            ``dp``; ``dp // dp_shard`` replicas of each shard); 1 without a sharded dp axis.
+        sharded: whether the mesh splits dp into ``("dp_replicate", "dp_shard")`` (``zero_stage > 0``).
 
     Raises:
-        ConfigurationError: a size is not a positive integer or the product differs from ``world_size``.
+        ConfigurationError: a size is not a positive integer, the product differs from ``world_size``, or
+            ``dp_shard`` does not divide ``dp``.
 
     Example::
 
@@ -57,10 +64,17 @@ class ParallelDims:
     dp: int
     tp: int
     world_size: int
+    dp_shard: int = 1
+    sharded: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("pp", "dp", "tp", "world_size"):
+        for name in ("pp", "dp", "tp", "world_size", "dp_shard"):
             _check_size(name, getattr(self, name), allow_auto=False)
+        if self.dp % self.dp_shard:
+            raise ConfigurationError(
+                f"data_parallel_shard_size({self.dp_shard}) does not divide dp({self.dp}); valid: a divisor of "
+                f"{self.dp} ({[d for d in range(1, self.dp + 1) if self.dp % d == 0]})."
+            )
         if self.pp * self.dp * self.tp != self.world_size:
             raise ConfigurationError(
                 f"pp({self.pp}) * dp({self.dp}) * tp({self.tp}) = {self.pp * self.dp * self.tp} "
@@ -89,18 +103,33 @@ class ParallelDims:
         return {"pp": pp, "dp": dp, "tp": tp}
 
     @property
-    def mesh_shape(self) -> tuple[int, int, int]:
+    def dp_replicate(self) -> int:
+        """Replicas of each dp shard (``dp // dp_shard``)."""
+        return self.dp // self.dp_shard
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        if self.sharded:
+            return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
         return (self.pp, self.dp, self.tp)
+
+    @property
+    def mesh_dims(self) -> tuple[str, ...]:
+        return SHARDED_MESH_DIMS if self.sharded else MESH_DIMS
 
 
 def build_mesh(dims: ParallelDims, device_type: str | None = None) -> DeviceMesh:
-    """Create the ``("pp", "dp", "tp")`` DeviceMesh over the initialized default process group.
+    """Create the ``("pp", "dp", "tp")`` DeviceMesh over the initialized default process group, or with
+    ``dims.sharded`` the ``("pp", "dp_replicate", "dp_shard", "tp")`` mesh with ``"dp"`` the flattened pair.
 
     Every dimension is kept, even of size 1, so ``mesh["dp"]`` etc. always exist.
     """
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return init_device_mesh(device_type, dims.mesh_shape, mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, dims.mesh_shape, mesh_dim_names=dims.mesh_dims)
+    if dims.sharded:
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh
 
 
 def new_dp_groups(mesh: DeviceMesh, backend: str | None = None) -> dist.ProcessGroup:
@@ -108,8 +137,11 @@ def new_dp_groups(mesh: DeviceMesh, backend: str | None = None) -> dist.ProcessG
 
     Collective: every rank creates every group (``new_group``'s rule), in the same order.
     """
-    dp = mesh.size(MESH_DIMS.index("dp"))
-    ranks = mesh.mesh.permute(0, 2, 1).reshape(-1, dp).tolist()
+    grid = mesh.mesh
+    if grid.ndim == len(SHARDED_MESH_DIMS):  # (pp, dp_replicate, dp_shard, tp) -> (pp, dp, tp)
+        grid = grid.reshape(grid.shape[0], -1, grid.shape[-1])
+    dp = grid.shape[1]
+    ranks = grid.permute(0, 2, 1).reshape(-1, dp).tolist()
     mine = dist.get_rank()
     own = None
     for group_ranks in ranks:

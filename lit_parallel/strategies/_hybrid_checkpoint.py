@@ -41,6 +41,7 @@ class ShardedCheckpointMixin:
     dims: Any
     data_parallel_sync: Any
     pipeline_schedule: str
+    zero_stage: int
     _dp: Any  # DataParallelAxis
 
     @override
@@ -97,9 +98,12 @@ class ShardedCheckpointMixin:
     def _layout(self) -> dict[str, Any]:
         assert self.dims is not None
         sync = self.data_parallel_sync
-        return {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp,
-                "pipeline_schedule": self.pipeline_schedule, "virtual_pipeline_stages": self.virtual_pipeline_stages,
-                "data_parallel_sync": None if sync is None else type(sync).__name__}
+        layout = {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp,
+                  "pipeline_schedule": self.pipeline_schedule, "virtual_pipeline_stages": self.virtual_pipeline_stages,
+                  "data_parallel_sync": None if sync is None else type(sync).__name__}
+        if self.zero_stage:  # absent for zero_stage=0, as in checkpoints written before sharding existed
+            layout.update(zero_stage=self.zero_stage, data_parallel_shard_size=self.dims.dp_shard)
+        return layout
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:

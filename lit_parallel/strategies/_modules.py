@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.families import family_names, get_family
+from lit_parallel.parallel.fsdp import ShardingOptions
 from lit_parallel.parallel.pipeline_runtime import PipelineRuntime
 from lit_parallel.parallel.pipeline_schedules import PipelineOptions
 
@@ -145,8 +146,45 @@ class ModelParallelizer:
                 validate_pipeline(net, pp, self.pipeline.stages_per_rank, self.pipeline.schedule,
                                   self.pipeline.microbatches, None, self._family(net), self.split_points)
 
-    def parallelize(self, module: nn.Module, mesh: DeviceMesh, device: torch.device) -> PipelineRuntime | None:
-        """Split and shard ``module``'s networks in place; returns this rank's pipeline runtime (or ``None``).
+    def blocks(self, net: nn.Module) -> list[str]:
+        """FQNs of ``net``'s repeated blocks (the family's pipeline units: FSDP units, checkpointed regions);
+        ``[]`` for a network no family with a pipeline layout covers."""
+        try:
+            family = get_family(net, self.model_family)
+        except ConfigurationError:
+            return []
+        if family.pipeline_layout is None:
+            return []
+        try:
+            layout = family.pipeline_layout(net, None)
+        except (AttributeError, ConfigurationError):
+            return []
+        return [fqn for unit in layout.units for fqn in unit]
+
+    def check_sharding(self, module: nn.Module, sharding: ShardingOptions) -> None:
+        """Refuse activation checkpointing of a module none of whose networks has known blocks.
+
+        Raises:
+            ConfigurationError: naming the networks found and what to do instead.
+        """
+        if sharding.activation_checkpointing == "none":
+            return
+        nets = self.networks(module)
+        if not any(self.blocks(net) for net in nets.values()):
+            raise ConfigurationError(
+                f"activation_checkpointing={sharding.activation_checkpointing!r} checkpoints the blocks of a network "
+                f"a model family covers (registered: {family_names()}), but {type(module).__name__} holds "
+                f"{sorted(nets) or 'none'}; apply torch.distributed._composable.checkpoint to your blocks in "
+                "configure_model, or use activation_checkpointing='none'."
+            )
+
+    def parallelize(self, module: nn.Module, mesh: DeviceMesh,
+                    device: torch.device) -> tuple[PipelineRuntime | None, dict[str, list[str]]]:
+        """Split and shard ``module``'s networks in place.
+
+        Returns:
+            This rank's pipeline runtime (or ``None``) and, per network path, its blocks (:meth:`blocks`,
+            found before the split, as FQNs of the unsplit network).
 
         Raises:
             ConfigurationError: tensor parallelism requested but nothing to shard.
@@ -154,6 +192,7 @@ class ModelParallelizer:
         from lit_parallel.parallel.tensor_parallel import apply_tensor_parallel
 
         runtime = None
+        blocks = {path: self.blocks(net) for path, net in self.networks(module).items()}
         for path, net in self.networks(module).items():
             user_parallelized = has_dtensors(net)  # a plan applied in configure_model
             if self.pipeline.size > 1:
@@ -168,7 +207,26 @@ class ModelParallelizer:
                 "configure_model with self.device_mesh['tp'] (docs/hybrid.md, 'Your own LightningModule'), keep it "
                 "in self.model with model_family=..., or use tensor_parallel_size=1."
             )
-        return runtime
+        return runtime, blocks
+
+    @staticmethod
+    def shard(module: nn.Module, blocks: dict[str, list[str]], mesh: DeviceMesh, sharding: ShardingOptions,
+              runtime: PipelineRuntime | None) -> None:
+        """Activation checkpointing, then FSDP2 (``zero_stage >= 2``) per network, after the split and TP.
+
+        The FSDP mesh is ``mesh["dp_shard"]``, or ``mesh["dp_replicate", "dp_shard"]`` (HSDP) when shards are
+        replicated; under a pipeline each of this rank's stage modules is an FSDP root.
+        """
+        from lit_parallel.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
+
+        for path, net_blocks in blocks.items():
+            net = module.get_submodule(path)
+            apply_activation_checkpointing(net, net_blocks, sharding.activation_checkpointing)
+            if sharding.zero_stage < 2:
+                continue
+            dp_mesh = mesh["dp_shard"] if mesh["dp_replicate"].size() == 1 else mesh["dp_replicate", "dp_shard"]
+            apply_fsdp(net, net_blocks, dp_mesh, sharding.zero_stage, pipelined=runtime is not None,
+                       roots=runtime.stage_modules if runtime is not None else None)
 
     def _split(self, net: nn.Module, mesh: DeviceMesh, device: torch.device) -> tuple[nn.Module, PipelineRuntime]:
         from lit_parallel.parallel.pipeline import build_local_model, plan_pipeline, stage_ids_for_rank

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import weakref
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
@@ -35,6 +37,14 @@ from lit_parallel.parallel.context import ParallelContext
 from lit_parallel.parallel.data_parallel import local_tensor
 from lit_parallel.parallel.dp_axis import DataParallelAxis
 from lit_parallel.parallel.families import get_family
+from lit_parallel.parallel.fsdp import OptimizerStatePartition, ShardingOptions, fsdp_managed
+from lit_parallel.parallel.materialize import (
+    WEIGHTS_ATTR,
+    MetaOrigins,
+    check_initializable,
+    has_meta,
+    materialize,
+)
 from lit_parallel.parallel.local_sgd import (
     DiLoCo,
     LocalSGD,
@@ -66,6 +76,9 @@ _PRESETS = {
     "hybrid_pp2": {"pipeline_parallel_size": 2},
     "hybrid_tp2_pp2": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
     "hybrid_pp2_interleaved": {"pipeline_parallel_size": 2, "pipeline_schedule": "interleaved_1f1b"},
+    "hybrid_fsdp": {"zero_stage": 3},
+    "hybrid_tp2_fsdp": {"tensor_parallel_size": 2, "zero_stage": 3},
+    "hybrid_pp2_fsdp": {"pipeline_parallel_size": 2, "zero_stage": 3},
 }
 
 
@@ -83,6 +96,11 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
     stage's layers are sharded over the tensor-parallel ranks with DTensor, and gradients are averaged
     over the data-parallel ranks only (optionally compressed). Parameter names stay those of the
     unsplit model on every rank, so checkpoints and callbacks line up across layouts.
+
+    With ``zero_stage`` 1-3 the dp axis shards training state instead of replicating it (ZeRO): stage 1 the
+    optimizer state, 2 also the gradients, 3 also the parameters, with torch's FSDP2 ``fully_shard`` per block
+    on the ``("pp", "dp_replicate", "dp_shard", "tp")`` mesh (``dp = dp_replicate x dp_shard``; only the
+    ``dp_shard`` ranks shard, the replicas of each shard average like DDP: HSDP). docs/memory.md.
 
     With ``data_parallel_sync=LocalSGD(...)`` or ``DiLoCo(...)`` the dp axis does not average gradients
     every step: each replica (a tp × pp group of ranks) steps on its own, and every ``sync_every`` steps the
@@ -118,6 +136,12 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         replica_check_every_n_steps: every N optimizer steps, verify that the data-parallel replicas of every
             shard hold bitwise-identical parameters; ``None`` reads ``LIT_PARALLEL_REPLICA_CHECK_EVERY_N_STEPS``
             (unset: off).
+        zero_stage: 0 (replicate everything), 1 (shard optimizer state), 2 (+ gradients), 3 (+ parameters)
+            over the ``dp_shard`` ranks (:mod:`lit_parallel.parallel.fsdp`).
+        data_parallel_shard_size: dp ranks that shard (``"auto"``: all of dp with ``zero_stage > 0``); the
+            remaining factor of dp replicates each shard (HSDP).
+        activation_checkpointing: ``"none"``, ``"full"`` (every block recomputes its activations in backward)
+            or ``"selective"`` (every second block); blocks are the model family's layers.
 
     Raises:
         ConfigurationError: for invalid sizes or names, before any process group is created.
@@ -149,8 +173,12 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         replica_check_every_n_steps: int | None = None,
+        zero_stage: int = 0,
+        data_parallel_shard_size: int | Literal["auto"] = "auto",
+        activation_checkpointing: Literal["none", "full", "selective"] = "none",
     ) -> None:
         super().__init__()
+        self._sharding = ShardingOptions(zero_stage, data_parallel_shard_size, activation_checkpointing)
         self.replica_check_every_n_steps = replica_check_interval(type(self).__name__, replica_check_every_n_steps)
         # Validate what can be validated without the world size or the model.
         ParallelDims.resolve(tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
@@ -159,6 +187,9 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         self._pipeline_options = PipelineOptions(pipeline_parallel_size, pipeline_schedule, num_microbatches,
                                                  virtual_pipeline_stages)
         self._dp = DataParallelAxis(data_parallel_sync, gradient_compression, bucket_cap_mb)
+        self._check_sharding_combination()
+        if data_parallel_size != "auto":
+            self._sharding.resolve_shard_size(data_parallel_size)
         if model_family != "auto":
             get_family(name=model_family)  # an unknown name is refused here, the model is checked at setup
         self._tp, self._pp, self._dp_arg = tensor_parallel_size, pipeline_parallel_size, data_parallel_size
@@ -179,6 +210,37 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         self._context: ParallelContext | None = None
         self._accumulating = False  # inside block_backward_sync: a gradient-accumulation micro-step
         self._synced = False
+        self._blocks: dict[str, list[str]] = {}
+        self._meta_origins: dict[str, MetaOrigins] = {}
+        self.materialized_bytes = 0  # bytes this rank allocated for meta-built networks (its shards only)
+        self._zero1: OptimizerStatePartition | None = None
+
+    def _check_sharding_combination(self) -> None:
+        """Refuse, before any process group, what a sharded dp axis does not support (yet)."""
+        stage = self._sharding.zero_stage
+        if stage == 0:
+            return
+        if self._dp.sync is not None:
+            raise ConfigurationError(
+                f"zero_stage={stage} with data_parallel_sync={self._dp.sync!r} is not supported: local SGD / DiLoCo "
+                "rounds run over replicated parameters. Use zero_stage=0 with data_parallel_sync, or drop "
+                "data_parallel_sync to shard the dp axis."
+            )
+        if stage >= 2 and self._dp.compression is not None:
+            raise ConfigurationError(
+                f"zero_stage={stage} with gradient_compression={type(self._dp.compression).__name__} is not "
+                "supported: FSDP2 reduce-scatters the gradients itself. Use zero_stage=0 or 1 (gradients are "
+                "all-reduced, so they can be compressed), or drop gradient_compression."
+            )
+
+    @property
+    def zero_stage(self) -> int:
+        """0 (replicated dp axis), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)."""
+        return self._sharding.zero_stage
+
+    @property
+    def activation_checkpointing(self) -> str:
+        return self._sharding.activation_checkpointing
 
     # -- sizes and groups --------------------------------------------------------------------------
     @property
@@ -248,6 +310,12 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         return self.device_mesh.get_group("dp")
 
     @property
+    def replica_group(self) -> Any:
+        """The ranks holding identical copies of this rank's parameters (dp; only dp_replicate when FSDP2
+        shards the parameters over dp_shard)."""
+        return self.device_mesh.get_group("dp_replicate" if self.zero_stage >= 2 else "dp")
+
+    @property
     def tensor_parallel_group(self) -> Any:
         return self.device_mesh.get_group("tp")
 
@@ -257,7 +325,10 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
 
     @property
     def model_parallel_group(self) -> Any:
-        """The ranks (pp × tp, same dp index) across which the model's elements are disjoint."""
+        """The ranks across which one replica's gradient elements are disjoint: pp × tp (same dp index), and
+        with FSDP2 (``zero_stage >= 2``) pp × dp_shard × tp (same dp_replicate index)."""
+        if self.zero_stage >= 2:
+            return self.device_mesh["pp", "dp_shard", "tp"]._flatten("pp_dp_shard_tp").get_group()
         return self.device_mesh["pp", "tp"]._flatten("pp_tp").get_group()
 
     @property
@@ -321,7 +392,9 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         world_size = self.num_nodes * self.num_processes
-        self.dims = ParallelDims.resolve(self._tp, self._pp, self._dp_arg, world_size)
+        dims = ParallelDims.resolve(self._tp, self._pp, self._dp_arg, world_size)
+        self.dims = dataclasses.replace(dims, dp_shard=self._sharding.resolve_shard_size(dims.dp),
+                                        sharded=self.zero_stage > 0)
         for name, shown in self._dp.settings().items():
             if shown and self.dims.dp < 2:
                 raise ConfigurationError(
@@ -330,6 +403,8 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
                 )
         if not self._is_parallelized():
             self._parallelizer.validate(self.lightning_module)  # every check that needs no collective
+            self._parallelizer.check_sharding(self.lightning_module, self._sharding)
+            self._capture_meta_networks()
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
         )
@@ -347,6 +422,39 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
             compressor=self.compressor, replica_sync_every=self.replica_sync_every, tied_copies=self._tied_copies,
         )
         self.precision_plugin.attach(self._context)
+
+    def _capture_meta_networks(self) -> None:
+        """Networks built on the meta device: remember full shapes and tied names before the split, and refuse
+        (before any process group) a meta tensor that has no weight source and no init rule."""
+        module = self.lightning_module
+        networks = self._parallelizer.networks(module)
+        self._meta_origins = {}
+        for path, net in networks.items():
+            if has_meta(net):
+                check_initializable(net, getattr(net, WEIGHTS_ATTR, None), path)
+                self._meta_origins[path] = MetaOrigins.capture(net)
+        from torchmetrics import Metric
+
+        covered = {id(t) for net in networks.values() for t in (*net.parameters(), *net.buffers())}
+        stray = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta and id(t) not in covered]
+        stray += [n for n, m in module.named_modules() if isinstance(m, Metric)
+                  and any(isinstance(getattr(m, k, None), Tensor) and getattr(m, k).is_meta for k in m._defaults)]
+        if stray:
+            raise ConfigurationError(
+                f"{type(module).__name__} holds meta-device tensors outside the networks this strategy materializes "
+                f"({sorted(networks)}): {stray[:3]}; create them in configure_model or outside empty_init."
+            )
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``trainer.init_module(empty_init=True)`` builds on the meta device: nothing is allocated until each
+        rank materializes its own shards after the split (:mod:`lit_parallel.parallel.materialize`)."""
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -367,18 +475,34 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
             self.model = module
             self._finish_setup(trainer)
             return
-        self._pipeline = self._parallelizer.parallelize(module, self.device_mesh, self.root_device)
+        self._pipeline, self._blocks = self._parallelizer.parallelize(module, self.device_mesh, self.root_device)
         if self._layer_sync is not None:
             # Trainer(sync_batchnorm=True): statistics over the dp axis only (tp/pp peers see the same batch).
             self._layer_sync = mesh_layer_sync(self._layer_sync, self.data_parallel_group)
             module = self._layer_sync.apply(module)
         self.model = self.precision_plugin.convert_module(module)
+        # Activation checkpointing and FSDP2 come after the dtype conversion (FSDP2 shards the parameters as they
+        # will train, and moves them to the mesh's device); meta-built networks get their shards only then.
+        self._parallelizer.shard(module, self._blocks, self.device_mesh, self._sharding, self._pipeline)
+        self._materialize()
         self.model_to_device()
-        self._dp.setup(module.named_parameters(), self._local_parameters(), self.data_parallel_group,
+        # FSDP2 reduce-scatters these (under a pipeline the roots are the stage modules); the dp axis averages the rest
+        sharded = fsdp_managed([module, *(self._pipeline.stage_modules if self._pipeline is not None else [])])
+        self._dp.setup([(n, p) for n, p in module.named_parameters() if id(p) not in sharded],
+                       self._local_parameters(), self.data_parallel_group,
                        overlap=self.overlap_grad_sync and self.dims.pp == 1,
                        new_group=lambda: new_dp_groups(self.device_mesh, self._process_group_backend))
         self._parallelized = weakref.ref(module)
         self._finish_setup(trainer)
+
+    def _materialize(self) -> None:
+        """Allocate and fill this rank's shards of meta-built networks (pretrained slices or seeded init)."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        for path, origins in self._meta_origins.items():
+            net = self.lightning_module.get_submodule(path)
+            self.materialized_bytes += materialize(net, origins, self.root_device, seed,
+                                                   getattr(net, WEIGHTS_ATTR, None))
+        self._meta_origins = {}
 
     def _local_parameters(self) -> list[Tensor]:
         """This rank's trainable parameters as plain tensors (the local shards of DTensors)."""
@@ -391,6 +515,19 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+            self._partition_optimizer_state()
+
+    def _partition_optimizer_state(self) -> None:
+        """ZeRO stage 1: each dp_shard rank steps and keeps state for its share of the parameters."""
+        if self._zero1 is not None:
+            self._zero1.detach()
+            self._zero1 = None
+        if self.zero_stage != 1 or self.device_mesh["dp_shard"].size() == 1:
+            return
+        self._zero1 = OptimizerStatePartition([p for p in self.lightning_module.parameters() if p.requires_grad],
+                                              self.device_mesh.get_group("dp_shard"))
+        for optimizer in self.optimizers:
+            self._zero1.attach(getattr(optimizer, "_optimizer", optimizer))
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
@@ -462,7 +599,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
 
         output = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
         if self._dp.state is None:
-            check_replicas_now(self, self.replica_check_every_n_steps, self.data_parallel_group)
+            check_replicas_now(self, self.replica_check_every_n_steps, self.replica_group)
         elif self._dp.after_optimizer_step(self._local_parameters()):
             check_replicas_after_round(self, self.replica_check_every_n_steps, self._dp.state, self.data_parallel_group)
         return output

@@ -57,6 +57,7 @@ __all__ = [
     "model_shape",
     "parse_bytes",
     "recommend",
+    "stage_parameter_counts",
 ]
 
 ZERO_STAGES: dict[int, str] = {
@@ -270,12 +271,34 @@ def _config_shape(name: str, config: Any) -> ModelShape:
     )
 
 
+_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "tie_word_embeddings", "n_embd", "n_layer", "n_head", "n_inner")
+
+
+def _with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """A copy of ``config`` with ``overrides`` set; every key must be an attribute the config already has."""
+    if not overrides:
+        return config
+    unknown = [k for k in overrides if not hasattr(config, k)]
+    if unknown:
+        valid = [k for k in _SIZE_KEYS if hasattr(config, k)]
+        raise ConfigurationError(
+            f"model.{unknown[0]} is not an attribute of {type(config).__name__}; valid: {valid} "
+            "(or any other attribute of the config)."
+        )
+    return type(config)(**{**config.to_dict(), **overrides})
+
+
 def _config_from_name(name: str, overrides: dict[str, Any]) -> Any:
     """The config of a project model name without downloading or converting weights."""
+    return _with_overrides(_config_from_name_only(name), overrides)
+
+
+def _config_from_name_only(name: str) -> Any:
     from lit_parallel.models import loading
 
     if name in loading.DEBUG_MODELS:
-        return loading.load_config(name, **overrides)
+        return loading.load_config(name)
     from transformers import AutoConfig
 
     if name in loading.OFFLINE_MODELS:
@@ -286,10 +309,10 @@ def _config_from_name(name: str, overrides: dict[str, Any]) -> Any:
 
             meta = load_gguf_checkpoint(str(source), return_tensors=False)["config"]
             meta.pop("_model_name_or_path", None)
-            return AutoConfig.for_model(meta.pop("model_type"), **{**meta, **overrides})
-        return AutoConfig.from_pretrained(str(source), **overrides)
+            return AutoConfig.for_model(meta.pop("model_type"), **meta)
+        return AutoConfig.from_pretrained(str(source))
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=True, **overrides)
+        return AutoConfig.from_pretrained(name, local_files_only=True)
     except OSError as err:
         raise ConfigurationError(
             f"model={name!r} is not a project model name, a local folder or in the local Hugging Face cache "
@@ -337,12 +360,7 @@ def model_shape(model: str | Any, **overrides: Any) -> ModelShape:
     if isinstance(model, str):
         return _config_shape(model, _config_from_name(model, overrides))
     if hasattr(model, "model_type"):
-        if overrides:
-            unknown = [k for k in overrides if not hasattr(model, k)]
-            if unknown:
-                raise ConfigurationError(f"config overrides {unknown} are not attributes of {type(model).__name__}.")
-            model = type(model)(**{**model.to_dict(), **overrides})
-        return _config_shape(model.model_type, model)
+        return _config_shape(model.model_type, _with_overrides(model, overrides))
     raise ConfigurationError(
         f"model={model!r} is not understood; valid: a model name, a Hugging Face config or an nn.Module."
     )
@@ -527,6 +545,38 @@ def _stage_layers(shape: ModelShape, pp: int) -> list[int]:
     weights = [sum(t.numel for t in shape.block)] * shape.num_layers
     starts = _balanced_boundaries(weights, sum(t.numel for t in shape.first), sum(t.numel for t in shape.last), pp)
     return [j - i for i, j in zip(starts, [*starts[1:], shape.num_layers], strict=True)]
+
+
+def stage_parameter_counts(model: str | Any, pp: int, tp: int = 1) -> tuple[int, ...]:
+    """Parameters per pipeline stage on the largest tensor-parallel rank (before data-parallel sharding).
+
+    The split is :func:`~lit_parallel.parallel.pipeline.plan_pipeline`'s (balanced by parameter count over the
+    layers, embeddings on the first stage, final norm and head on the last); a tied head is a separate copy on
+    the last stage when ``pp > 1``.
+
+    Args:
+        model: anything :func:`model_shape` reads (a generic module: ``pp=1`` only).
+        pp: pipeline stages.
+        tp: tensor-parallel size.
+
+    Returns:
+        One count per stage.
+
+    Raises:
+        ConfigurationError: more stages than layers, or a tp the model's family refuses.
+
+    Example::
+
+        stage_parameter_counts("smollm2", pp=4)   # the first and last stages hold fewer layers
+    """
+    shape = model_shape(model)
+    if not shape.valid_tp(tp):
+        raise ConfigurationError(f"tp={tp} is not valid for {shape.name}; valid: {_valid_tps(shape, tp * 64)}.")
+    if shape.kind == "module":
+        _module_estimate(shape, Layout(tp, pp), PRECISIONS["32-true"], 0)  # raises for tp/pp > 1
+        return (sum(t.numel for t in shape.first),)
+    return tuple(sum(_local(t, shape, tp) * n for t, n in _stage_tensors(shape, pp, s, layers))
+                 for s, layers in enumerate(_stage_layers(shape, pp)))
 
 
 def _stage_tensors(shape: ModelShape, pp: int, stage: int, layers: int) -> list[tuple[_Tensor, int]]:

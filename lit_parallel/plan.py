@@ -875,7 +875,10 @@ def recommend(model: str | Any, devices: int, memory_budget: int | str, **option
             hint = f"; batch_size={b} would fit with that layout"
             break
     else:
-        hint = "; more devices or a smaller seq_len would be needed"
+        if smallest.train_state + smallest.transient > budget:
+            hint = f"; its training state alone is {_fmt(smallest.train_state)}: more devices are needed"
+        else:
+            hint = "; a smaller seq_len or more devices would be needed"
     raise ConfigurationError(
         f"memory_budget={_fmt(budget)} per rank is smaller than any layout on {devices} devices: the smallest "
         f"({smallest.layout}) needs at least {_fmt(smallest.total)} per rank: {_breakdown(smallest)}{hint}."

@@ -859,7 +859,7 @@ def recommend(model: str | Any, devices: int, memory_budget: int | str, **option
     Example::
 
         best = recommend("smollm2", devices=4, memory_budget="2GiB", batch_size=8, seq_len=512)
-        best.layout   # Layout(tp=1, pp=1, dp=4, zero_stage=..., ...)
+        best.layout   # the first layout in preference order whose total fits 2 GiB
     """
     budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
     found = candidates(model, devices, **options)

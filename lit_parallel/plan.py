@@ -7,7 +7,8 @@ prediction is for the *worst* rank of a layout (the pipeline stage with the larg
 * **parameters, gradients, optimizer state** at rest: the stage's parameters after tensor parallelism,
   divided by ``data_parallel_shard_size`` as the ZeRO stage says (:data:`ZERO_STAGES`);
 * **activations** kept for backward (formulas in :func:`layer_activation_bytes`), for the microbatches a
-  pipeline schedule keeps in flight, with activation checkpointing applied, plus the logits on the last stage;
+  pipeline schedule keeps in flight, with activation checkpointing applied, plus the loss's log-probabilities on
+  the last stage;
 * **transient**: memory that exists only during forward/backward (FSDP2's unsharded parameters and the
   unsharded gradients of the block being reduce-scattered; autocast's low-precision weight copies).
 
@@ -286,7 +287,14 @@ def _with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
             f"model.{unknown[0]} is not an attribute of {type(config).__name__}; valid: {valid} "
             "(or any other attribute of the config)."
         )
-    return type(config)(**{**config.to_dict(), **overrides})
+    merged = {**config.to_dict(), **overrides}
+    widths = ("hidden_size", "num_attention_heads")
+    if any(k in overrides for k in widths) and "head_dim" not in overrides and all(hasattr(config, k) for k in widths):
+        # Llama-like configs store head_dim; when it was the derived hidden_size // heads, it follows the new widths
+        # (model.hidden_size=768 on a debug config means a 768-wide model with 768 // heads per head).
+        if getattr(config, "head_dim", None) == config.hidden_size // config.num_attention_heads:
+            merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
+    return type(config)(**merged)
 
 
 def _config_from_name(name: str, overrides: dict[str, Any]) -> Any:
@@ -443,8 +451,10 @@ class MemoryEstimate:
         layout: the layout.
         stage: the worst rank's pipeline stage.
         parameters, gradients, optimizer: training state at rest on that rank.
-        activations: kept for backward (in-flight microbatches, checkpointing applied, logits included).
-        transient: only during forward/backward (unsharded parameters and gradients, autocast weight copies).
+        activations: kept for backward (in-flight microbatches, checkpointing applied, the loss's log-probabilities
+            included).
+        transient: only during forward/backward (unsharded parameters and gradients, autocast weight copies, the
+            last stage's logits).
         parameter_count: parameters this rank owns after tp and pp (before dp sharding).
         replicated: small tensors every tp rank holds whole (name pattern, bytes of one copy of each).
         notes: what the estimate does not model for this input.
@@ -487,7 +497,7 @@ def layer_activation_bytes(shape: ModelShape, tp: int, precision: str = "32-true
 
         Llama:  2 RMSNorms (fp32 input + normalized)   2 * (4 + p) * h
                 q/k/v and gate/up inputs                (c_qkv + c_gate_up) * B * h
-                SDPA q, k, v, output + o_proj input     B * (3q + 2k) + 4a (logsumexp)
+                SDPA q, k, v, output (= o_proj input)   B * (2q + 2k) + 4a (logsumexp)
                 SwiGLU gate, silu, up, product          4 * B * I / tp
                 Qwen3 q/k norms                         (4 + p) * (q + k)
         GPT-2:  2 LayerNorm inputs                      2 * r * h   (r: 4 under fp32/mixed, else 2)
@@ -495,6 +505,10 @@ def layer_activation_bytes(shape: ModelShape, tp: int, precision: str = "32-true
                 SDPA q, k, v, output + c_proj input     5 * B * h / tp + 4a
                 tanh-GELU intermediates + c_proj input  5 * B * I / tp
                 2 dropout masks (resid_pdrop > 0)       2 * h
+
+    The attention output is also ``o_proj``'s input: the SDPA kernels return it in (batch, seq, heads, dim)
+    memory order, so the transpose and reshape before ``o_proj`` are views (checked against the saved tensors of
+    a real step by ``bench/memory.py``).
 
     This follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
     ``sbh(34 + 5as/h)`` for GPT-3) with Llama's gated MLP and fused attention (no ``s^2`` scores kept).
@@ -520,7 +534,7 @@ def layer_activation_bytes(shape: ModelShape, tp: int, precision: str = "32-true
     inter = shape.intermediate_size / tp
     if shape.kind == "llama":
         c_qkv, c_mlp = (3, 2) if prec.autocast else (1, 1)
-        total = 2 * (4 + p) * h + (c_qkv + c_mlp) * b * h + b * (3 * q + 2 * k) + 4 * heads_local + 4 * b * inter
+        total = 2 * (4 + p) * h + (c_qkv + c_mlp) * b * h + b * (2 * q + 2 * k) + 4 * heads_local + 4 * b * inter
         if shape.qk_norm:
             total += (4 + p) * (q + k)
         return total
@@ -631,8 +645,10 @@ def estimate_memory(
     block's input plus one block's activations during its recompute; ``"selective"`` checkpoints every second
     block. Under pipeline parallelism the batch is split into ``num_microbatches`` and stage ``s`` keeps
     ``min(pp - s, microbatches)`` of them in flight under 1F1B, all of them under GPipe. The last stage adds
-    the final norm, the head input, the logits (``B`` bytes) and the loss's fp32 log-probabilities, per token
-    ``B*V + 4*V`` (the head's output is gathered: every tp rank holds the full vocabulary).
+    the final norm, the head input and the loss's fp32 log-probabilities (``4*V`` per token; the head's output is
+    gathered: every tp rank holds the full vocabulary); the logits themselves (``B*V`` per token of one
+    microbatch) are transient: autograd does not keep them, they live from the head to the loss and again as
+    their gradient.
 
     Args:
         model: anything :func:`model_shape` reads (or a :class:`ModelShape`).
@@ -699,6 +715,10 @@ def estimate_memory(
             transient = (min(2, n_layers) * block_numel + root) * gathered + block_numel * prec.param
         else:
             transient = count * prec.activation if prec.autocast else 0
+        if stage == pp - 1 and shape.kind != "module":
+            # the logits of one microbatch (every tp rank holds the full vocabulary after the gather)
+            samples = batch_size if pp == 1 else -(-batch_size // micro)
+            transient += prec.activation * shape.vocab_size * samples * seq_len
         acts = _stage_activations(shape, layout, prec, precision, stage, n_layers, batch_size, seq_len, micro,
                                   pipeline_schedule)
         replicated = tuple(
@@ -725,7 +745,7 @@ def _stage_activations(shape: ModelShape, layout: Layout, prec: _Precision, prec
     h, v, b = shape.hidden_size, shape.vocab_size, prec.activation
     if stage == layout.pp - 1:
         norm = (4 + prec.param) * h if shape.kind == "llama" else (4 if prec.param == 4 else 2) * h
-        kept += norm + b * h + (b + 4) * v
+        kept += norm + b * h + 4 * v  # the logits are not saved: cross-entropy keeps its log-probabilities
     if stage == 0 and shape.kind == "gpt2" and shape.dropout > 0:
         kept += h  # embedding dropout mask
     if layout.pp == 1:

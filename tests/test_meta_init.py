@@ -119,7 +119,7 @@ def _load_pretrained(folder: str) -> tuple:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[export], limit_train_batches=1)
     with trainer.init_module(empty_init=True):
-        module = CausalLM(folder, lr=0.0)
+        module = CausalLM(folder)
     source = getattr(module.model, WEIGHTS_ATTR)
     trainer.fit(module, DataLoader(_Tokens(), batch_size=2))
     return export.state, strategy.materialized_bytes, source.bytes_read

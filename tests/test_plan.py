@@ -67,6 +67,17 @@ def test_other_configs_match_meta_models(make) -> None:
     assert model_shape(config).num_parameters == _numel(_meta(cls, config))
 
 
+def test_width_overrides_derive_head_dim_like_a_fresh_config() -> None:
+    # llama_debug stores head_dim=16 (64 // 4); a 768-wide override with 12 heads is a model with head_dim 64
+    shape = model_shape("llama_debug", vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
+                        num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)
+    fresh = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
+                        num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)
+    assert shape.head_dim == 64
+    assert shape.num_parameters == model_shape(fresh).num_parameters == 112_082_688
+    assert model_shape("llama_debug", hidden_size=128, head_dim=8).head_dim == 8  # an explicit head_dim is kept
+
+
 @pytest.mark.parametrize("pp", [2, 3, 4, 5])
 @pytest.mark.parametrize("tied", [False, True])
 def test_stage_split_equals_plan_pipeline(pp: int, tied: bool) -> None:
@@ -108,10 +119,11 @@ def test_zero_stage_divides_by_the_shard_group(zero: int) -> None:
     assert est.parameters == one.parameters // (shard if zero >= 2 else 1)
     assert est.gradients == one.gradients // (shard if zero >= 2 else 1)
     assert est.activations == one.activations
+    logits = 4 * 100 * 512  # fp32 logits of the default 1 x 512 tokens
     if zero == 2:  # the whole stage unsharded plus one block's gradients
-        assert est.transient == TINY_UNTIED * 4 + TINY_LAYER * 4
+        assert est.transient == TINY_UNTIED * 4 + TINY_LAYER * 4 + logits
     if zero == 3:  # two blocks and the embeddings/head unsharded, plus one block's gradients
-        assert est.transient == (2 * TINY_LAYER + (TINY_UNTIED - 5 * TINY_LAYER)) * 4 + TINY_LAYER * 4
+        assert est.transient == (2 * TINY_LAYER + (TINY_UNTIED - 5 * TINY_LAYER)) * 4 + TINY_LAYER * 4 + logits
     hsdp = estimate_memory(config, Layout(dp=4, zero_stage=zero, dp_shard=2))
     assert hsdp.optimizer == one.optimizer // (1 if zero == 0 else 2)
 
@@ -125,7 +137,8 @@ def test_optimizers_and_precisions() -> None:
     assert (true.parameters, true.gradients, true.optimizer) == (2 * n, 2 * n, 12 * n)  # fp32 master + 2 states
     assert estimate_memory(config, precision="bf16-true", master_weights=False).optimizer == 4 * n
     mixed = estimate_memory(config, precision="bf16-mixed")
-    assert (mixed.parameters, mixed.transient) == (4 * n, 2 * n)  # autocast's bf16 weight copies
+    # autocast's bf16 weight copies and the bf16 logits of 1 x 512 tokens
+    assert (mixed.parameters, mixed.transient) == (4 * n, 2 * n + 2 * 100 * 512)
     with pytest.raises(ConfigurationError, match=r"precision='fp8'.*valid: \['32-true'"):
         estimate_memory(config, precision="fp8")
     with pytest.raises(ConfigurationError, match=r"optimizer='lion'.*valid"):
@@ -135,21 +148,22 @@ def test_optimizers_and_precisions() -> None:
 def test_activation_formula_and_checkpointing() -> None:
     config = LlamaConfig(**TINY, tie_word_embeddings=False)
     shape = model_shape(config)
-    # fp32 Llama per token: norms 2*(4+4)*16, q/k/v + gate/up inputs 2*4*16, attention 4*(3*16 + 2*8) + 4*4,
-    # SwiGLU 4*4*40.
-    per_token = 2 * 8 * 16 + 2 * 4 * 16 + 4 * (3 * 16 + 2 * 8) + 4 * 4 + 4 * 4 * 40
+    # fp32 Llama per token: norms 2*(4+4)*16, q/k/v + gate/up inputs 2*4*16, attention q, k, v, output (also
+    # o_proj's input) 4*(2*16 + 2*8) + logsumexp 4*4, SwiGLU 4*4*40.
+    per_token = 2 * 8 * 16 + 2 * 4 * 16 + 4 * (2 * 16 + 2 * 8) + 4 * 4 + 4 * 4 * 40
     assert layer_activation_bytes(shape, tp=1) == per_token
     tokens = 2 * 32
-    logits = 8 * 16 + 4 * 16 + 8 * 100  # final norm, head input, logits + fp32 log-probs
+    logits = 8 * 16 + 4 * 16 + 4 * 100  # final norm, head input, fp32 log-probs (the logits are transient)
     none = estimate_memory(config, batch_size=2, seq_len=32)
     assert none.activations == (5 * per_token + logits) * tokens
+    assert none.transient == 4 * 100 * tokens
     full = estimate_memory(config, Layout(activation_checkpointing="full"), batch_size=2, seq_len=32)
     assert full.activations == (5 * 4 * 16 + per_token + logits) * tokens
     selective = estimate_memory(config, Layout(activation_checkpointing="selective"), batch_size=2, seq_len=32)
     assert selective.activations == (3 * per_token + 2 * 4 * 16 + per_token + logits) * tokens
     assert full.activations < selective.activations < none.activations
     # tp divides the attention and MLP interiors only.
-    assert layer_activation_bytes(shape, tp=2) == 2 * 8 * 16 + 2 * 4 * 16 + 4 * (3 * 8 + 2 * 4) + 4 * 2 + 4 * 4 * 20
+    assert layer_activation_bytes(shape, tp=2) == 2 * 8 * 16 + 2 * 4 * 16 + 4 * (2 * 8 + 2 * 4) + 4 * 2 + 4 * 4 * 20
 
 
 def test_pipeline_schedule_in_flight_microbatches() -> None:

@@ -172,13 +172,15 @@ class OptimizerStatePartition:
     """ZeRO stage 1: each rank of the shard group steps (and keeps optimizer state for) its share of the
     parameters; the updated parameters are then broadcast from their owners.
 
-    Gradients are averaged in full before the step (so clipping and overflow checks are unchanged). Just
-    before ``optimizer.step`` a step pre-hook drops the gradients of parameters another rank owns, so the
-    optimizer neither steps them nor creates state for them (torch's optimizers skip ``grad is None``); a
-    post-hook broadcasts each owner's updated parameters. Ownership is whole parameters, balanced by size
-    in a fixed order (as ``ZeroRedundancyOptimizer``). We do not use ``ZeroRedundancyOptimizer`` itself: it
-    builds its own optimizer from a class and keyword arguments, which replaces the optimizer (and LR
-    schedulers) the LightningModule configured, and it does not handle DTensor (tensor-parallel) parameters.
+    Gradients are averaged in full before the step (so clipping and overflow checks are unchanged). The
+    optimizer's ``step`` is wrapped: it runs the closure (Lightning's forward, backward and clipping) first,
+    then drops the gradients of parameters another rank owns, so the optimizer neither steps them nor creates
+    state for them (torch's optimizers skip ``grad is None``), steps, and broadcasts each owner's updated
+    parameters. Step pre-hooks cannot do this: they fire before the closure, i.e. before the gradients exist.
+    Ownership is whole parameters, balanced by size in a fixed order (as ``ZeroRedundancyOptimizer``). We do
+    not use ``ZeroRedundancyOptimizer`` itself: it builds its own optimizer from a class and keyword
+    arguments, which replaces the optimizer (and LR schedulers) the LightningModule configured, and it does
+    not handle DTensor (tensor-parallel) parameters.
 
     Args:
         params: this rank's trainable parameters, in the same order on every rank of ``group``.
@@ -198,29 +200,47 @@ class OptimizerStatePartition:
             self.owner[id(param)] = owner
         for param in params:  # broadcast order: parameter order within each owner
             self.by_owner[self.owner[id(param)]].append(param)
-        self._handles: list[Any] = []
+        self._wrapped: list[torch.optim.Optimizer] = []
 
     def owns(self, param: Tensor) -> bool:
         return self.owner.get(id(param), self.rank) == self.rank
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Install the step hooks on ``optimizer`` (the torch optimizer, not Lightning's wrapper)."""
-        self._handles.append(optimizer.register_step_pre_hook(self._drop_foreign_gradients))
-        self._handles.append(optimizer.register_step_post_hook(self._broadcast_parameters))
+        """Wrap ``optimizer.step`` (the torch optimizer, not Lightning's wrapper).
+
+        Raises:
+            ConfigurationError: an optimizer that re-evaluates its closure (LBFGS).
+        """
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ConfigurationError("zero_stage=1 does not support LBFGS (it re-runs the closure); use zero_stage=0.")
+        step = optimizer.step
+
+        def partitioned_step(closure: Any = None) -> Any:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._drop_foreign_gradients(optimizer)
+            step()
+            self._broadcast_parameters()
+            return loss
+
+        optimizer.step = partitioned_step  # type: ignore[method-assign]
+        self._wrapped.append(optimizer)
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for optimizer in self._wrapped:
+            vars(optimizer).pop("step", None)  # the class's step again
+        self._wrapped = []
 
-    def _drop_foreign_gradients(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    def _drop_foreign_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         for group in optimizer.param_groups:
             for param in group["params"]:
                 if not self.owns(param):
                     param.grad = None
 
     @torch.no_grad()
-    def _broadcast_parameters(self, *_: Any) -> None:
+    def _broadcast_parameters(self) -> None:
         for owner, params in enumerate(self.by_owner):
             if not params:
                 continue

@@ -217,16 +217,19 @@ def _full_values(origin: _Origin, seed: int, rule: Callable[[nn.Module], None] |
     module = origin.module
     shadow = copy.copy(module)  # same class (init rules dispatch on it), own tensor dicts, no children
     shadow._modules = {}
-    shadow._parameters = {n: nn.Parameter(torch.empty(_shape(t), dtype=t.dtype), requires_grad=t.requires_grad)
-                          for n, t in module._parameters.items() if t is not None}
-    shadow._buffers = {n: torch.empty(_shape(t), dtype=t.dtype) for n, t in module._buffers.items() if t is not None}
+    shadow._parameters = {n: None if t is None else nn.Parameter(torch.empty(_shape(t), dtype=t.dtype),
+                                                                 requires_grad=t.requires_grad)
+                          for n, t in module._parameters.items()}
+    shadow._buffers = {n: None if t is None else torch.empty(_shape(t), dtype=t.dtype)
+                       for n, t in module._buffers.items()}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(module_seed(seed, origin.module_name))
         if rule is not None:
             rule(shadow)
         else:
             shadow.reset_parameters()
-    return {**{n: p.data for n, p in shadow._parameters.items()}, **shadow._buffers}
+    return {**{n: p.data for n, p in shadow._parameters.items() if p is not None},
+            **{n: b for n, b in shadow._buffers.items() if b is not None}}
 
 
 def _shape(tensor: Tensor) -> tuple[int, ...]:

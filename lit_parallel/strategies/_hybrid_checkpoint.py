@@ -114,6 +114,7 @@ class ShardedCheckpointMixin:
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a checkpoint folder written with any (tp, pp, dp) layout into this one."""
         from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
             set_model_state_dict,
@@ -131,8 +132,10 @@ class ShardedCheckpointMixin:
         key = self._replica_key(meta, path) if saved_sync is not None else None
         load_sharded(path, state, key)
         set_model_state_dict(module, state["model"], )
+        # ZeRO-1: this rank keeps (and loaded) state only for the parameters it steps.
+        options = StateDictOptions(strict=self.zero_stage != 1)
         for index, optimizer in enumerate(optimizers):
-            set_optimizer_state_dict(module, optimizer, state[f"optimizer_{index}"])
+            set_optimizer_state_dict(module, optimizer, state[f"optimizer_{index}"], options=options)
         self._load_dp_sync_state(saved_sync, path)
         self._load_compression_state(meta, path)
         return meta

@@ -200,3 +200,97 @@ def test_accumulation_clipping_schedule_match_single_process(zero):
     # the reference sees 8-sample batches; each rank saw 4 of them: compare the final parameters
     for name, value in module.model.state_dict().items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=f"zero {zero}: {name}")
+
+
+def _pruned(zero: int) -> dict:
+    from test_pruning_distributed import FEATURES, GLOBAL_BATCH, STEPS, _hybrid_data
+
+    from lit_parallel.callbacks import MagnitudePruning
+    from lit_parallel.models import ImageClassifier, mlp
+
+    L.seed_everything(11, verbose=False)
+    module = ImageClassifier(net=mlp(in_features=FEATURES, hidden=32, depth=3), lr=1e-2, optimizer="adamw")
+    pruning = MagnitudePruning(0.8, start_step=2, end_step=10, every_n_steps=4, make_permanent=False)
+    strategy = HybridParallelStrategy(data_parallel_size=2, zero_stage=zero)
+    L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[pruning]).fit(module, DataLoader(_hybrid_data(), batch_size=GLOBAL_BATCH // 2, shuffle=True))
+    return strategy.export_state_dict()
+
+
+def _pruned_stages() -> list:
+    return [_pruned(zero) for zero in (0, 1, 3)]
+
+
+@pytest.mark.slow
+def test_magnitude_pruning_masks_equal_across_zero_stages():
+    replicated, zero1, zero3 = run_distributed(_pruned_stages, world_size=2, init_process_group=False,
+                                               timeout=300)[0]
+    zeros = sum(int((v == 0).sum()) for k, v in replicated.items() if k.endswith("weight"))
+    assert zeros > 0
+    for name, value in replicated.items():
+        for stage, state in (("zero 1", zero1), ("zero 3", zero3)):
+            if name.endswith("weight"):
+                assert torch.equal(state[name] == 0, value == 0), f"{stage}: mask of {name} differs"
+            torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=f"{stage}: {name}")
+
+
+class _InfAfterBackward(L.Callback):
+    """An inf in one element of this rank's local gradient shard of ``name`` at step ``step`` (rank 1 only)."""
+
+    def __init__(self, name: str, step: int) -> None:
+        self.name, self.step = name, step
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        from lit_parallel.parallel.mesh import local_tensor
+
+        if trainer.global_step == self.step and trainer.global_rank == 1:
+            grad = dict(pl_module.named_parameters())[self.name].grad
+            with torch.no_grad():
+                local_tensor(grad).view(-1)[0] = float("inf")
+
+
+def _precision_fit(zero: int, precision: str, inject: bool) -> dict:
+    from test_precision_distributed import _Recorder
+
+    from lit_parallel.precision import HybridMixedPrecision
+
+    L.seed_everything(SEED, verbose=False)
+    module, data = _build("gpt2")
+    callbacks: list = [_Recorder()]
+    if inject:
+        callbacks.append(_InfAfterBackward("model.transformer.h.0.mlp.c_fc.weight", step=1))
+    plugins = [HybridMixedPrecision("16-mixed", device="cpu", init_scale=2.0**10)] if precision == "16-mixed" else None
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=HybridParallelStrategy(zero_stage=zero), max_steps=3,
+                        logger=False, precision=None if plugins else precision, plugins=plugins,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)
+    trainer.fit(module, DataLoader(data, batch_size=GLOBAL_BATCH // 2, shuffle=True))
+    recorder = callbacks[0]
+    return {"losses": recorder.losses, "changed": recorder.changed, "scales": recorder.scales}
+
+
+_PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true")
+
+
+def _precision_runs() -> list[dict]:
+    runs = [_precision_fit(zero, p, False) for zero in (0, 1, 3) for p in _PRECISIONS]
+    return runs + [_precision_fit(3, "16-mixed", True), _precision_fit(1, "16-mixed", True)]
+
+
+@pytest.mark.slow
+def test_precisions_with_sharded_dp_axis():
+    """Every precision at zero 1 and 3 follows zero 0's losses (same mixed-precision math, other reductions); an
+    inf in one rank's gradient shard skips the step on every rank and halves the scale."""
+    results = run_distributed(_precision_runs, world_size=2, init_process_group=False, timeout=600)
+    for rank in range(2):
+        runs = results[rank]
+        for index, precision in enumerate(_PRECISIONS):
+            replicated = runs[index]
+            for zero, run in ((1, runs[3 + index]), (3, runs[6 + index])):
+                assert all(run["changed"]), (zero, precision, rank)
+                torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(replicated["losses"]),
+                                           rtol=2e-3, atol=1e-4, msg=f"zero {zero} {precision} rank {rank}")
+        for injected in runs[9:]:
+            assert injected["changed"] == [True, False, True], injected
+            assert injected["scales"] == [1024.0, 512.0, 512.0], injected

@@ -75,7 +75,8 @@ class RunSummary(Callback):
         out: dict[str, Any] = self._fit_metrics | _scalars(trainer.callback_metrics)
         for callback in trainer.callbacks:
             if isinstance(callback, CommunicationMonitor):
-                out |= callback.summary_metrics()
+                # The run's totals replace the last step's comm/* values.
+                out = {k: v for k, v in out.items() if not k.startswith("comm/")} | callback.summary_metrics()
         out["train_samples"] = self.samples * dp
         out["throughput_samples_per_s"] = self.samples * dp / self.fit_seconds if self.fit_seconds else 0.0
         out["fit_seconds"] = self.fit_seconds

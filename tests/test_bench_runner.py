@@ -1,8 +1,11 @@
-"""bench/_runner.py: a hanging or crashing method becomes a row, and leaves no process behind."""
+"""bench/_runner.py: a hanging or crashing method becomes a row, and leaves no process behind;
+bench/gpu_check.sh refuses in one line on a machine without CUDA."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,3 +86,32 @@ def test_guarded_turns_an_exception_into_a_status():
 def test_mismatched_environments_are_refused():
     with pytest.raises(ValueError, match="2 commands but 1 environments"):
         _runner.run_processes([["true"], ["true"]], envs=[{}], timeout=1)
+
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+
+
+def _gpu_check(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": path})
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi")
+def test_gpu_check_refuses_without_nvidia_smi_in_one_line():
+    proc = _gpu_check(os.environ["PATH"])
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "gpu_check: no CUDA device: nvidia-smi is not installed; run this on a machine with an NVIDIA GPU and its "
+        "driver."]
+    assert proc.stdout == ""
+
+
+def test_gpu_check_refuses_when_nvidia_smi_sees_no_gpu(tmp_path):
+    fake = tmp_path / "nvidia-smi"  # what a container without a GPU passed through answers
+    fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver' >&2\n"
+                    "exit 9\n")
+    fake.chmod(0o755)
+    proc = _gpu_check(f"{tmp_path}:{os.environ['PATH']}")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "gpu_check: no CUDA device: nvidia-smi failed (no driver loaded, or no GPU visible to this container)."]

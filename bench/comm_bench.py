@@ -17,6 +17,10 @@ Methods: ``ddp`` (DDP's built-in all-reduce), our compressors by name, and ``tor
 also holds a time-to-accuracy curve (training seconds so far vs test accuracy), which
 ``bench/plot_time_to_accuracy.py`` draws.
 
+A method that crashes, hangs or runs past ``--timeout`` becomes a row (``failed: <its error>``,
+``timed out after N s at step K``): its processes are killed (``bench/_runner.py``) before the
+namespaces are deleted, and the remaining methods still run.
+
 Workloads (``--model``): ``mlp`` (MNIST, SGD with momentum) or ``minilm`` (the ``bert_bbc`` recipe's
 all-MiniLM-L6-v2 on BBC News, AdamW; offline packages, see the README's set-up).
 """
@@ -33,6 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runner import report_progress, run_processes  # noqa: E402  (bench/ is the script directory)
+
 HUB, SUBNET, PORT = "lpb-hub", "10.213.0", 29555
 METHODS = ("ddp", "powersgd", "topk", "int8", "onebit", "torch_powersgd")
 
@@ -46,9 +53,17 @@ def _ns(rank: int) -> str:
 
 
 def _teardown(ranks: int) -> None:
+    """Kill whatever still runs in the namespaces, then delete them (a namespace outlives its deletion
+    while a process holds it, and so would its shaped links)."""
     existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     for name in [HUB, *(_ns(r) for r in range(ranks))]:
         if name in existing.split():
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
@@ -81,23 +96,19 @@ def _rate_bytes(rate: str) -> int:
 
 
 def _run_method(args: argparse.Namespace, rate: str, method: str, out: Path) -> dict:
-    procs = []
+    commands, envs = [], []
     for r in range(args.ranks):
-        env = os.environ | {
+        envs.append(os.environ | {
             "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(PORT), "WORLD_SIZE": str(args.ranks),
             "RANK": str(r), "GLOO_SOCKET_IFNAME": f"lpb{r}", "OMP_NUM_THREADS": "1",
-        }
-        cmd = ["ip", "netns", "exec", _ns(r), sys.executable, __file__, "--worker", "--method", method,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-               "--hidden", str(args.hidden), "--model", args.model, "--eval-every", str(args.eval_every),
-               "--lr-schedule", args.lr_schedule, "--result", str(out)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=args.timeout)[0] for p in procs]
-    if any(p.returncode for p in procs):
-        # The first failing rank's own error, not its peers' "connection reset".
-        errors = [line for log in logs for line in log.splitlines() if "Error" in line]
-        first = [e for e in errors if "Connection reset" not in e and "Connection closed" not in e] or errors
-        return {"rate": rate, "method": method, "error": (first or ["no error message"])[-1].strip()}
+        })
+        commands.append(["ip", "netns", "exec", _ns(r), sys.executable, __file__, "--worker", "--method", method,
+                         "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
+                         str(args.batch_size), "--hidden", str(args.hidden), "--model", args.model, "--eval-every",
+                         str(args.eval_every), "--lr-schedule", args.lr_schedule, "--result", str(out)])
+    outcome = run_processes(commands, envs=envs, timeout=args.timeout)
+    if not outcome.ok:
+        return {"rate": rate, "method": method, "error": outcome.status}
     return json.loads(out.read_text()) | {"rate": rate}
 
 
@@ -122,14 +133,15 @@ def _orchestrate(args: argparse.Namespace) -> None:
 
 def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
     what = f"MLP hidden={args.hidden}" if args.model == "mlp" else "all-MiniLM-L6-v2 + 5-class head"
-    print(f"\n{args.ranks} ranks, {what} ({rows[0].get('params', 0) / 1e6:.2f}M params), "
+    params = next((r["params"] for r in rows if "params" in r), 0)
+    print(f"\n{args.ranks} ranks, {what} ({params / 1e6:.2f}M params), "
           f"{args.steps} steps of {args.batch_size} per rank, warm-up {args.warmup}\n")
     print("| link | method | median step s | speed-up | payload MB/step | wire MB/step | test acc |")
     print("|---|---|---|---|---|---|---|")
     base = {r["rate"]: r["step_s"] for r in rows if r["method"] == "ddp" and "step_s" in r}
     for r in rows:
         if "error" in r:
-            print(f"| {r['rate']} | {r['method']} | failed: {r['error'][:80]} | | | | |")
+            print(f"| {r['rate']} | {r['method']} | {r['error'][:100]} | | | | |")
             continue
         payload = f"{r['payload_mb']:.3f}" if r["payload_mb"] is not None else "n/a"
         speedup = f"{base[r['rate']] / r['step_s']:.1f}x" if r["rate"] in base else "n/a"
@@ -252,6 +264,7 @@ def _worker(args: argparse.Namespace) -> None:
         if compressor is not None:
             compressor.step()
         times.append(time.perf_counter() - t0)
+        report_progress(step + 1)
         wire.append(int(tx_path.read_text()) - tx0)
         if compressor is not None:
             payload.append(compressor.pop_stats().bytes_sent)

@@ -10,17 +10,22 @@ process running the same m microbatches of size 256/m one after the other (gradi
 that it pays the same small-matmul and per-microbatch costs. With perfect overlap the pipelined step
 takes T1(m)/p; the measured bubble is 1 - (T1(m)/p) / T_pp(m) (it also contains the p2p transfers),
 compared with the schedule's ideal (p-1)/(m+p-1).
+
+A measurement that fails or times out (``--timeout`` per multi-process run; the ranks are killed by
+``run_distributed``) becomes a row saying so (``bench/_runner.py``) and the others still run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
 
 import lightning as L
 import torch
-from _timing import StepTimer  # bench/ is the script directory
+from _runner import guarded  # bench/ is the script directory
+from _timing import StepTimer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_parallel import HybridParallelStrategy
@@ -81,28 +86,47 @@ def _param_bytes(tp: int, pp: int) -> tuple[int, int]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per multi-process run")
+    args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     t1 = _step_time(1, 1)
     rows = []
     for m in (2, 4, 8, 16):  # 1F1B needs m >= p
         t1m = _step_time(1, m)
-        tpp = run_distributed(_step_time, world_size=2, args=(2, m), init_process_group=False, timeout=600)[0]
+        ranks, status = guarded(f"pp=2 m={m}", run_distributed, _step_time, world_size=2, args=(2, m),
+                                init_process_group=False, timeout=args.timeout)
+        if ranks is None:
+            rows.append({"microbatches": m, "single_step_s": t1m, "status": status, "bubble_ideal": 1 / (m + 1)})
+            continue
+        tpp = ranks[0]
         measured = 1 - (t1m / 2) / tpp
         rows.append({"microbatches": m, "single_step_s": t1m, "step_s": tpp, "bubble_measured": measured,
-                     "bubble_ideal": 1 / (m + 1)})
+                     "bubble_ideal": 1 / (m + 1), "status": status})
     print(f"single process step, whole batch: {t1 * 1e3:.1f} ms\n")
     print("| m | T1(m) single process (ms) | pp=2 step (ms) | measured bubble | ideal (p-1)/(m+p-1) |\n"
           "|---|---|---|---|---|")
     for r in rows:
+        if "step_s" not in r:
+            print(f"| {r['microbatches']} | {r['single_step_s'] * 1e3:.1f} | {r['status']} | | "
+                  f"{r['bubble_ideal']:.2f} |")
+            continue
         print(f"| {r['microbatches']} | {r['single_step_s'] * 1e3:.1f} | {r['step_s'] * 1e3:.1f} | "
               f"{r['bubble_measured']:.2f} | {r['bubble_ideal']:.2f} |")
     sizes = []
     for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
-        per_rank = run_distributed(_param_bytes, world_size=tp * pp, args=(tp, pp), init_process_group=False,
-                                   timeout=600)
-        sizes.append({"tp": tp, "pp": pp, "per_rank": [b for b, _ in per_rank], "full": per_rank[0][1]})
+        per_rank, status = guarded(f"tp={tp} pp={pp}", run_distributed, _param_bytes, world_size=tp * pp,
+                                   args=(tp, pp), init_process_group=False, timeout=args.timeout)
+        if per_rank is None:
+            sizes.append({"tp": tp, "pp": pp, "status": status})
+            continue
+        sizes.append({"tp": tp, "pp": pp, "per_rank": [b for b, _ in per_rank], "full": per_rank[0][1],
+                      "status": status})
     print("\n| layout | bytes per rank (MiB) | fraction of the full model |\n|---|---|---|")
     for s in sizes:
+        if "per_rank" not in s:
+            print(f"| tp={s['tp']} pp={s['pp']} | {s['status']} | |")
+            continue
         per = ", ".join(f"{b / 2**20:.2f}" for b in s["per_rank"])
         frac = ", ".join(f"{b / s['full']:.2f}" for b in s["per_rank"])
         print(f"| tp={s['tp']} pp={s['pp']} | {per} | {frac} |")

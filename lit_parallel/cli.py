@@ -11,9 +11,11 @@ Tests and notebooks call :func:`train` with a composed config (see :func:`compos
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from lit_parallel.errors import ConfigurationError
 
-__all__ = ["available_recipes", "compose", "conf_dir", "main", "train"]
+__all__ = ["available_recipes", "compose", "conf_dir", "main", "print_error_once", "train"]
 
 # Each CPU rank gets at least a quarter core; beyond that a run only thrashes.
 _CPU_OVERSUBSCRIPTION = 4
@@ -198,7 +200,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.loggers import CSVLogger
 
     import lit_parallel  # noqa: F401  (registers strategy names)
-    from lit_parallel.callbacks import RunSummary
+    from lit_parallel.callbacks import ModelSummary, RunSummary
 
     _check_devices(cfg.trainer)
     output_dir = Path(cfg.output_dir).resolve()
@@ -211,9 +213,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     strategy = _build_strategy(cfg)
     summary = RunSummary(output_dir=str(output_dir))
     callbacks = [*_instantiate_group(cfg.get("callbacks")), *_periodic_checkpoint(cfg, output_dir), summary]
+    if cfg.trainer.get("enable_model_summary", True):
+        callbacks.append(ModelSummary())  # Lightning's, without the "Total FLOPs: 0" it never measured
     logger = CSVLogger(save_dir=str(output_dir), name="csv", version="")
     trainer: L.Trainer = instantiate(
-        cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir)
+        cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir),
+        enable_model_summary=False,  # Lightning's default summary; ours is in `callbacks`
     )
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -223,6 +228,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     extra["wall_seconds_total"] = time.perf_counter() - _START
     result = summary.report(trainer, extra)
     result = result if result is not None else summary.summary(trainer) | extra
+    if trainer.is_global_zero:
+        _plot_run(Path(logger.log_dir) / "metrics.csv", str(extra["recipe"]))
     # Callers that train in-process (tests, notebooks) must be able to train again.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -230,6 +237,54 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 _START = time.perf_counter()
+
+
+def _plot_run(metrics_csv: Path, title: str) -> None:
+    """``curves.png`` next to ``metrics.csv``; one line instead when matplotlib is not installed."""
+    from lit_parallel.plotting import plot_curves
+
+    if not metrics_csv.is_file():
+        return
+    try:
+        png = plot_curves(metrics_csv, title=f"{title} ({metrics_csv.parent.parent.name})")
+    except ModuleNotFoundError as err:
+        print(f"lit-parallel: no curves.png: {err.name} is not installed (pip install matplotlib).", file=sys.stderr)
+        return
+    if png is not None:
+        print(f"lit-parallel: curves: {png}", flush=True)
+
+
+def _launch_key() -> str:
+    """A name every rank of this launch shares (Lightning gives its ranks one ``MASTER_PORT``)."""
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ or os.environ.get("SLURM_JOB_ID"):
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
+        return f"{launch_id()}-{restart}"
+    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', os.getpid())}"
+
+
+def print_error_once(message: str) -> bool:
+    """Print ``lit-parallel: error: <message>`` once per launch, not once per rank.
+
+    Rank 0 always prints and leaves a marker in the temporary directory; another rank prints only when
+    no rank of its launch printed the same message in the last two minutes, so an error that only it
+    hit is still shown. (A rank that fails before rank 0 does with the same error prints it as well.)
+
+    Returns:
+        Whether this process printed it.
+    """
+    rank_zero = all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    digest = hashlib.sha1(f"{_launch_key()}\n{message}".encode()).hexdigest()[:16]
+    marker = Path(tempfile.gettempdir()) / f"lit-parallel-error-{digest}"
+    try:
+        if rank_zero or (marker.is_file() and time.time() - marker.stat().st_mtime > 120):
+            marker.unlink(missing_ok=True)
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:
+        pass  # an unwritable temporary directory: better twice than never
+    print(f"lit-parallel: error: {message}", file=sys.stderr, flush=True)
+    return True
 
 
 def _hydra_task(cfg: DictConfig) -> None:
@@ -242,7 +297,7 @@ def _hydra_task(cfg: DictConfig) -> None:
         cause = err if isinstance(err, ConfigurationError) else err.__cause__
         if not isinstance(cause, ConfigurationError):
             raise
-        print(f"lit-parallel: error: {cause}", file=sys.stderr)
+        print_error_once(str(cause))
         sys.exit(2)
 
 

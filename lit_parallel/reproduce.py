@@ -1,15 +1,18 @@
 """``lit-parallel-reproduce <recipe>``: rerun a recipe and check it against its row of the results table.
 
 The table is ``recipes/results.json`` (``recipes/README.md`` shows the same rows for people): for each
-recipe the command, the hardware and wall time it was measured with, one metric, its value and the
-tolerance within which a rerun must land (absolute), and optionally ``also``: further metrics of the
-same run, printed next to the rerun's values but not judged. The recipe runs as a subprocess of the ``lit-parallel``
-console script (so multi-process strategies launch as they do for users); the metric is read from the
-run's ``summary.json``.
+recipe the command, the hardware and wall time it was measured with, one headline metric with its value
+and the tolerance within which a rerun must land (absolute), and ``also``: further metrics of the same
+run, each ``{"value": ..., "tolerance": ...}``. Every metric of the row is judged: the rerun passes only
+when each one is in the run's summary, is a finite number and lies within its tolerance; a missing or
+NaN metric fails with its name. The recipe runs as a subprocess of the ``lit-parallel`` console script
+(so multi-process strategies launch as they do for users); the metrics are read from the run's
+``summary.json`` (which carries ``comm/*`` totals when a
+:class:`~lit_parallel.callbacks.CommunicationMonitor` ran).
 
 Usage::
 
-    lit-parallel-reproduce bert_bbc              # runs it, prints PASS or FAIL, exits 0 or 1
+    lit-parallel-reproduce bert_bbc              # runs it, prints one line per metric, PASS or FAIL, exits 0 or 1
     lit-parallel-reproduce --list                # the recipes in the table
 """
 
@@ -17,21 +20,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lit_parallel.cli import conf_dir
 from lit_parallel.errors import ConfigurationError
 
-__all__ = ["judge", "load_table", "main", "run_recipe"]
+__all__ = ["MetricCheck", "judge", "load_table", "main", "run_recipe"]
 
 _FIELDS = ("recipe", "command", "hardware", "wall_seconds", "metric", "value", "tolerance")
+
+
+@dataclass(frozen=True)
+class MetricCheck:
+    """One metric of a table row against a run's summary.
+
+    Args:
+        metric: the summary key.
+        expected: the table's value.
+        tolerance: the largest absolute difference that passes.
+        value: the run's value; ``None`` when the summary lacks the metric or it is not a number.
+    """
+
+    metric: str
+    expected: float
+    tolerance: float
+    value: float | None
+
+    @property
+    def passed(self) -> bool:
+        return self.value is not None and math.isfinite(self.value) and abs(self.value - self.expected) <= self.tolerance
+
+    def line(self) -> str:
+        """``ok``/``FAIL``, the metric, the run's and the table's values, and why a failure failed."""
+        table = f"table {self.expected:.4f} ± {self.tolerance:g}"
+        if self.value is None:
+            return f"FAIL {self.metric}: missing from the run's summary ({table})"
+        if not math.isfinite(self.value):
+            return f"FAIL {self.metric} = {self.value} is not finite ({table})"
+        verdict = "ok  " if self.passed else "FAIL"
+        return f"{verdict} {self.metric} = {self.value:.4f}, {table} (off by {abs(self.value - self.expected):.4g})"
 
 
 def default_table() -> Path:
@@ -39,11 +75,31 @@ def default_table() -> Path:
     return conf_dir() / "recipe" / "results.json"
 
 
+def _check_row(path: Path, row: dict[str, Any]) -> None:
+    name = row.get("recipe")
+    missing = [f for f in _FIELDS if f not in row]
+    if missing:
+        raise ConfigurationError(f"results table {path}: row {name!r} lacks {missing}.")
+    also = row.get("also", {})
+    if not isinstance(also, dict):
+        raise ConfigurationError(f"results table {path}: row {name!r} has also={also!r}; valid: a mapping "
+                                 "{metric: {'value': number, 'tolerance': number}}.")
+    for metric, entry in also.items():
+        if not (isinstance(entry, dict) and {"value", "tolerance"} <= set(entry)):
+            raise ConfigurationError(f"results table {path}: row {name!r}, also[{metric!r}]={entry!r}; "
+                                     "valid: {'value': number, 'tolerance': number}.")
+    for metric, tolerance in [(row["metric"], row["tolerance"]), *((m, e["tolerance"]) for m, e in also.items())]:
+        if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+            raise ConfigurationError(f"results table {path}: row {name!r}, {metric} has tolerance={tolerance!r}; "
+                                     "valid: a number >= 0.")
+
+
 def load_table(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """The results table as ``{recipe: row}``.
 
     Raises:
-        ConfigurationError: the file is missing, or a row lacks one of the required fields.
+        ConfigurationError: the file is missing, a row lacks one of the required fields, or one of its
+            ``also`` metrics has no value or tolerance.
     """
     path = Path(path) if path else default_table()
     if not path.is_file():
@@ -51,21 +107,31 @@ def load_table(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
     rows = json.loads(path.read_text())["results"]
     table = {}
     for row in rows:
-        missing = [f for f in _FIELDS if f not in row]
-        if missing:
-            raise ConfigurationError(f"results table {path}: row {row.get('recipe')!r} lacks {missing}.")
+        _check_row(path, row)
         table[row["recipe"]] = row
     return table
 
 
-def judge(row: dict[str, Any], summary: dict[str, Any]) -> tuple[bool, str]:
-    """Whether a run's summary reproduces a table row; returns ``(passed, one-line explanation)``."""
-    metric = row["metric"]
-    if metric not in summary:
-        return False, f"{metric} is not in the run's summary (keys: {sorted(summary)})"
-    value, expected, tolerance = float(summary[metric]), float(row["value"]), float(row["tolerance"])
-    passed = abs(value - expected) <= tolerance
-    return passed, f"{metric} = {value:.4f}, table {expected:.4f} ± {tolerance:g}"
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def judge(row: dict[str, Any], summary: dict[str, Any]) -> list[MetricCheck]:
+    """Every metric of a table row (the headline first, then ``also``) against a run's summary.
+
+    The run reproduces the row when every returned check ``passed``.
+
+    Example::
+
+        checks = judge(load_table()["mnist_powersgd"], json.loads(Path("summary.json").read_text()))
+        all(c.passed for c in checks)
+    """
+    expected = {row["metric"]: (row["value"], row["tolerance"])}
+    expected |= {m: (e["value"], e["tolerance"]) for m, e in row.get("also", {}).items()}
+    return [MetricCheck(metric, float(value), float(tolerance), _number(summary.get(metric)))
+            for metric, (value, tolerance) in expected.items()]
 
 
 def _executable() -> str:
@@ -109,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.list or not args.recipe:
         for name, row in sorted(table.items()):
-            print(f"{name:<24} {row['metric']} = {row['value']} ± {row['tolerance']}   ({row['hardware']})")
+            also = "".join(f", {m} = {e['value']} ± {e['tolerance']}" for m, e in row.get("also", {}).items())
+            print(f"{name:<24} {row['metric']} = {row['value']} ± {row['tolerance']}{also}   ({row['hardware']})")
         return 0 if args.list else 2
     if args.recipe not in table:
         print(f"lit-parallel-reproduce: error: recipe {args.recipe!r} has no row in the results table; "
@@ -128,12 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
-    passed, detail = judge(row, summary)
-    for key, value in row.get("also", {}).items():  # context the table records, not judged
-        print(f"  {key} = {summary.get(key, float('nan')):.4f} (table {value:.4f})")
-    print(f"{'PASS' if passed else 'FAIL'} {args.recipe}: {detail}; wall time {seconds:.0f} s "
-          f"(table {row['wall_seconds']:.0f} s on {row['hardware']})", flush=True)
-    return 0 if passed else 1
+    checks = judge(row, summary)
+    for check in checks:
+        print(f"  {check.line()}")
+    failed = [c.metric for c in checks if not c.passed]
+    verdict = f"FAIL {args.recipe}: {failed}" if failed else f"PASS {args.recipe}: {len(checks)} metrics"
+    print(f"{verdict}; wall time {seconds:.0f} s (table {row['wall_seconds']:.0f} s on {row['hardware']})",
+          flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

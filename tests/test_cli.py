@@ -39,6 +39,7 @@ def test_train_debug_recipe_directly(compose_cfg, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["global_step"] == 5
     assert (tmp_path / "csv" / "metrics.csv").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "csv" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_runs_and_prints_summary(tmp_path):
@@ -46,6 +47,9 @@ def test_cli_runs_and_prints_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "lit_parallel run summary" in proc.stdout
     assert "test/acc" in proc.stdout
+    # The MLP has no example input, so nothing counted FLOPs: no "Total FLOPs: 0", but the parameters.
+    assert "Total FLOPs" not in proc.stdout + proc.stderr and "Trainable params" in proc.stdout + proc.stderr
+    assert f"lit-parallel: curves: {tmp_path / 'csv' / 'curves.png'}" in proc.stdout
 
 
 def test_help_lists_groups():
@@ -97,3 +101,36 @@ def test_inherited_launch_variables_are_reported(environ, warns):
     assert (warning is not None) == warns
     if warns:
         assert "LOCAL_RANK=0" in warning and "unset LOCAL_RANK" in warning and "WORLD_SIZE=2" in warning
+
+
+def test_error_of_every_rank_is_printed_once(tmp_path):
+    # Both ranks of the launch reject the layout in the strategy's set-up.
+    proc = _run("recipe=mnist_hybrid_tp2_debug", "strategy.tensor_parallel_size=4", f"hydra.run.dir={tmp_path}",
+                cwd=tmp_path)
+    _assert_one_line_error(proc, "world_size(2)")
+
+
+@pytest.mark.parametrize(("first", "second", "printed"), [
+    ({"LOCAL_RANK": "0"}, {"LOCAL_RANK": "1"}, [True, False]),   # rank 0 printed: rank 1 stays quiet
+    ({"LOCAL_RANK": "1"}, {"LOCAL_RANK": "0"}, [True, True]),    # rank 0 always prints
+    ({"LOCAL_RANK": "0"}, {"LOCAL_RANK": "0"}, [True, True]),    # the next launch on the same port
+    ({"LOCAL_RANK": "1"}, {"LOCAL_RANK": "1", "MASTER_PORT": "29501"}, [True, True]),  # another launch
+])
+def test_print_error_once_per_launch(monkeypatch, tmp_path, capsys, first, second, printed):
+    import tempfile
+
+    from lit_parallel.cli import print_error_once
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name in ("RANK", "NODE_RANK", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    done = []
+    for environ in (first, second):
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", "29500")
+        for key, value in environ.items():
+            monkeypatch.setenv(key, value)
+        done.append(print_error_once("tp(4) does not divide world_size(2)"))
+    assert done == printed
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["lit-parallel: error: tp(4) does not divide world_size(2)"] * sum(printed)

@@ -3,6 +3,7 @@
 from lit_parallel.callbacks.comm_monitor import CommunicationMonitor
 from lit_parallel.callbacks.head_pruning import AttentionHeadPruning, load_pruned
 from lit_parallel.callbacks.magnitude_pruning import MagnitudePruning
+from lit_parallel.callbacks.model_summary import ModelSummary
 from lit_parallel.callbacks.pruning import export_pruned
 from lit_parallel.callbacks.resume import ExactResume
 from lit_parallel.callbacks.structured_pruning import StructuredPruning
@@ -13,6 +14,7 @@ __all__ = [
     "CommunicationMonitor",
     "ExactResume",
     "MagnitudePruning",
+    "ModelSummary",
     "StructuredPruning",
     "export_pruned",
     "load_pruned",

@@ -25,6 +25,9 @@ class CommunicationMonitor(Callback):
     - ``comm/compression_ratio``: the quotient of the two.
     - ``comm/time_s``: seconds spent compressing, communicating and decompressing.
 
+    :meth:`summary_metrics` gives the run's totals (``comm/compression_ratio``, bytes per step), which
+    :class:`~lit_parallel.callbacks.RunSummary` writes to ``summary.json``.
+
     Works with any strategy that exposes a :class:`~lit_parallel.compression.Compressor` as
     ``strategy.compressor``: :class:`~lit_parallel.CompressedDDPStrategy` (also uncompressed, where it
     counts the exact all-reduce) and :class:`~lit_parallel.HybridParallelStrategy`.
@@ -78,6 +81,20 @@ class CommunicationMonitor(Callback):
             f"(ratio {t.compression_ratio:.1f}x), {t.bytes_sent / self.steps / 2**10:.1f} KiB/step, "
             f"comm time {t.time_s:.2f} s ({1000 * t.time_s / self.steps:.1f} ms/step)."
         )
+
+    def summary_metrics(self) -> dict[str, float]:
+        """This rank's totals over the training steps so far (empty before the first step).
+
+        ``comm/compression_ratio`` is total uncompressed over total sent bytes (warm-up steps included);
+        ``comm/bytes_sent_per_step``, ``comm/bytes_uncompressed_per_step`` and ``comm/time_s_per_step``
+        are means over ``comm/steps`` optimizer steps.
+        """
+        if not self.steps:
+            return {}
+        t = self.totals
+        return {"comm/compression_ratio": t.compression_ratio, "comm/bytes_sent_per_step": t.bytes_sent / self.steps,
+                "comm/bytes_uncompressed_per_step": t.bytes_uncompressed / self.steps,
+                "comm/time_s_per_step": t.time_s / self.steps, "comm/steps": float(self.steps)}
 
     @override
     def state_dict(self) -> dict[str, Any]:

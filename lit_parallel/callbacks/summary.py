@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lit_parallel.callbacks.comm_monitor import CommunicationMonitor
 from lit_parallel.strategies.context import parallel_context
 
 __all__ = ["RunSummary"]
@@ -25,11 +26,20 @@ def _batch_size(batch: Any) -> int:
     return int(batch.shape[0])
 
 
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v.numel() == 1}
+
+
 class RunSummary(Callback):
     """Measures training throughput and wall time; ``summary()`` returns them with the logged metrics.
 
     Throughput counts distinct samples: every data-parallel replica's batches, not the copies that
     tensor/pipeline peers share. The summary is also written to ``<output_dir>/summary.json``.
+
+    Metrics: the last logged value of every scalar (``trainer.test`` starts its metrics afresh, so the
+    values training logged per step, such as ``pruning/sparsity``, are kept from the end of fit), and the
+    totals of a :class:`~lit_parallel.callbacks.CommunicationMonitor` (``comm/compression_ratio``, bytes
+    per step) when one ran.
 
     Args:
         output_dir: where to write ``summary.json`` (``None``: the trainer's ``default_root_dir``).
@@ -40,6 +50,7 @@ class RunSummary(Callback):
         self.samples = 0
         self.fit_seconds = 0.0
         self._t0: float | None = None
+        self._fit_metrics: dict[str, float] = {}
         self.start_time = time.perf_counter()
 
     @override
@@ -56,11 +67,16 @@ class RunSummary(Callback):
         if self._t0 is not None:
             self.fit_seconds += time.perf_counter() - self._t0
             self._t0 = None
+        self._fit_metrics = _scalars(trainer.callback_metrics)
 
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
         """Metrics, throughput (global samples/s) and wall time of the run so far."""
         dp = parallel_context(trainer.strategy).data_parallel_size
-        out: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        out: dict[str, Any] = self._fit_metrics | _scalars(trainer.callback_metrics)
+        for callback in trainer.callbacks:
+            if isinstance(callback, CommunicationMonitor):
+                # The run's totals replace the last step's comm/* values.
+                out = {k: v for k, v in out.items() if not k.startswith("comm/")} | callback.summary_metrics()
         out["train_samples"] = self.samples * dp
         out["throughput_samples_per_s"] = self.samples * dp / self.fit_seconds if self.fit_seconds else 0.0
         out["fit_seconds"] = self.fit_seconds

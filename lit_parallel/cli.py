@@ -95,6 +95,28 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
 
 
+def _empty_init(value: Any, strategy: Any) -> bool:
+    """``empty_init=auto``: build on the meta device whenever the hybrid strategy will split the model (it then
+    materializes each rank's shards only); ``true`` / ``false`` force it.
+
+    Raises:
+        ConfigurationError: another value, or ``true`` with a strategy that cannot materialize meta tensors.
+    """
+    from lit_parallel.strategies import HybridParallelStrategy
+
+    hybrid = isinstance(strategy, HybridParallelStrategy)
+    if value == "auto":
+        return hybrid
+    if value not in (True, False):
+        raise ConfigurationError(f"empty_init={value!r} is invalid; valid: auto, true or false.")
+    if value and not hybrid:
+        raise ConfigurationError(
+            f"empty_init=true needs strategy=hybrid (it materializes each rank's shards); {type(strategy).__name__} "
+            "would train on meta tensors. Use empty_init=false or auto."
+        )
+    return bool(value)
+
+
 def _build_strategy(cfg: DictConfig) -> Any:
     """Instantiate ``cfg.strategy``, handing it ``cfg.compression`` when one is selected."""
     import inspect
@@ -209,7 +231,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
     strategy = _build_strategy(cfg)
     summary = RunSummary(output_dir=str(output_dir))
     callbacks = [*_instantiate_group(cfg.get("callbacks")), *_periodic_checkpoint(cfg, output_dir), summary]
@@ -220,6 +241,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir),
         enable_model_summary=False,  # Lightning's default summary; ours is in `callbacks`
     )
+    with trainer.init_module(empty_init=_empty_init(cfg.get("empty_init", "auto"), strategy)):
+        model = instantiate(cfg.model)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     extra: dict[str, Any] = {"recipe": cfg.get("recipe_name", "custom")}

@@ -41,6 +41,7 @@ __all__ = [
     "ShardingOptions",
     "apply_activation_checkpointing",
     "apply_fsdp",
+    "compress_replicate_axis",
     "fsdp_managed",
     "present_blocks",
 ]
@@ -166,6 +167,32 @@ def fsdp_managed(modules: Iterable[nn.Module]) -> set[int]:
             if isinstance(sub, FSDPModule):
                 ids.update(id(p) for p in sub.parameters())
     return ids
+
+
+def compress_replicate_axis(roots: Sequence[nn.Module], compressor: Any, group: Any) -> int:
+    """Average each FSDP2 unit's reduce-scattered gradient shard over the replicas with ``compressor``.
+
+    FSDP2 (on the ``dp_shard`` mesh only) calls the hook of each unit right after its reduce-scatter, during
+    backward, with the flat shard of the unit's gradients (``set_all_reduce_hook``: the building block for a
+    custom HSDP all-reduce); ``compressor.reduce_`` averages it over ``group`` (the replicate axis) in place,
+    with its error feedback keyed by the unit's name. Returns the number of units hooked.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    count, seen = 0, set()
+    for index, root in enumerate(roots):
+        for name, sub in root.named_modules():
+            if not isinstance(sub, FSDPModule) or id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            key = f"fsdp{index}.{name}" if name else f"fsdp{index}"
+
+            def hook(shard: Tensor, key: str = key) -> None:
+                compressor.reduce_(key, [shard], group)
+
+            sub.set_all_reduce_hook(hook)
+            count += 1
+    return count
 
 
 class OptimizerStatePartition:

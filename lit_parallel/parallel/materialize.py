@@ -217,19 +217,43 @@ def _full_values(origin: _Origin, seed: int, rule: Callable[[nn.Module], None] |
     module = origin.module
     shadow = copy.copy(module)  # same class (init rules dispatch on it), own tensor dicts, no children
     shadow._modules = {}
-    shadow._parameters = {n: None if t is None else nn.Parameter(torch.empty(_shape(t), dtype=t.dtype),
-                                                                 requires_grad=t.requires_grad)
+    shadow._parameters = {n: None if t is None else nn.Parameter(_unset(t), requires_grad=t.requires_grad)
                           for n, t in module._parameters.items()}
-    shadow._buffers = {n: None if t is None else torch.empty(_shape(t), dtype=t.dtype)
-                       for n, t in module._buffers.items()}
+    shadow._buffers = {n: None if t is None else _unset(t) for n, t in module._buffers.items()}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(module_seed(seed, origin.module_name))
         if rule is not None:
             rule(shadow)
         else:
             shadow.reset_parameters()
-    return {**{n: p.data for n, p in shadow._parameters.items() if p is not None},
-            **{n: b for n, b in shadow._buffers.items() if b is not None}}
+    values = {**{n: p.data for n, p in shadow._parameters.items() if p is not None},
+              **{n: b for n, b in shadow._buffers.items() if b is not None}}
+    for name, value in values.items():
+        if _is_unset(value):  # never silently train on uninitialized memory
+            raise ConfigurationError(
+                f"{origin.module_name}.{name} ({type(module).__name__}) was built on the meta device and its "
+                f"initialization ({'_init_weights' if rule is not None else 'reset_parameters'}) does not set it; "
+                "load pretrained weights that contain it, or build the model without empty_init."
+            )
+    return values
+
+
+def _unset(tensor: Tensor) -> Tensor:
+    """A full-size tensor marked as not yet initialized (NaN, or the smallest integer)."""
+    shape = _shape(tensor)
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        return torch.full(shape, float("nan"), dtype=tensor.dtype)
+    if tensor.dtype == torch.bool:
+        return torch.zeros(shape, dtype=torch.bool)
+    return torch.full(shape, torch.iinfo(tensor.dtype).min, dtype=tensor.dtype)
+
+
+def _is_unset(value: Tensor) -> bool:
+    if value.numel() == 0 or value.dtype == torch.bool:
+        return False
+    if value.dtype.is_floating_point or value.dtype.is_complex:
+        return bool(torch.isnan(value).all())
+    return bool((value == torch.iinfo(value.dtype).min).all())
 
 
 def _shape(tensor: Tensor) -> tuple[int, ...]:

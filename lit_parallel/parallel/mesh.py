@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lit_parallel.errors import ConfigurationError
 
-__all__ = ["MESH_DIMS", "SHARDED_MESH_DIMS", "ParallelDims", "build_mesh", "local_tensor", "new_dp_groups"]
+__all__ = ["MESH_DIMS", "SHARDED_MESH_DIMS", "ParallelDims", "build_mesh", "local_tensor", "mesh_dim", "new_dp_groups"]
 
 MESH_DIMS = ("pp", "dp", "tp")
 SHARDED_MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -97,10 +97,12 @@ class ParallelDims:
         return cls(pp=pp, dp=int(dp), tp=tp, world_size=world_size)
 
     def coordinates(self, rank: int) -> dict[str, int]:
-        """This rank's ``{"pp": i, "dp": j, "tp": k}`` in the mesh layout used by :func:`build_mesh`."""
+        """This rank's ``{"pp": i, "dp": j, "tp": k, "dp_replicate": r, "dp_shard": s}`` in the mesh layout used
+        by :func:`build_mesh` (``dp = r * dp_shard + s``)."""
         pp, rest = divmod(rank, self.dp * self.tp)
         dp, tp = divmod(rest, self.tp)
-        return {"pp": pp, "dp": dp, "tp": tp}
+        replicate, shard = divmod(dp, self.dp_shard)
+        return {"pp": pp, "dp": dp, "tp": tp, "dp_replicate": replicate, "dp_shard": shard}
 
     @property
     def dp_replicate(self) -> int:
@@ -132,14 +134,27 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> DeviceMesh
     return mesh
 
 
-def new_dp_groups(mesh: DeviceMesh, backend: str | None = None) -> dist.ProcessGroup:
-    """A new process group per data-parallel group of the ``("pp", "dp", "tp")`` mesh; returns this rank's.
+def mesh_dim(mesh: DeviceMesh, name: str) -> DeviceMesh:
+    """``mesh[name]``, also for a flattened dimension (``"dp"`` of the sharded mesh) without torch's deprecated
+    slicing of flattened dimensions from the root mesh."""
+    flattened = mesh._get_root_mesh()._flatten_mapping.get(name)
+    return flattened if flattened is not None else mesh[name]
+
+
+def new_dp_groups(mesh: DeviceMesh, backend: str | None = None, dim: str = "dp") -> dist.ProcessGroup:
+    """A new process group per data-parallel group of the mesh (``dim="dp_replicate"``: per replicate group of
+    the sharded mesh); returns this rank's.
 
     Collective: every rank creates every group (``new_group``'s rule), in the same order.
     """
     grid = mesh.mesh
-    if grid.ndim == len(SHARDED_MESH_DIMS):  # (pp, dp_replicate, dp_shard, tp) -> (pp, dp, tp)
-        grid = grid.reshape(grid.shape[0], -1, grid.shape[-1])
+    if grid.ndim == len(SHARDED_MESH_DIMS):
+        names = list(SHARDED_MESH_DIMS)
+        if dim == "dp":  # (pp, dp_replicate, dp_shard, tp) -> (pp, dp, tp)
+            grid = grid.reshape(grid.shape[0], -1, grid.shape[-1])
+        else:  # (pp, dp_shard, tp, dim) -> (pp, rest, dim)
+            order = [names.index(n) for n in names if n != dim] + [names.index(dim)]
+            grid = grid.permute(*order).reshape(grid.shape[0], -1, grid.shape[names.index(dim)]).permute(0, 2, 1)
     dp = grid.shape[1]
     ranks = grid.permute(0, 2, 1).reshape(-1, dp).tolist()
     mine = dist.get_rank()

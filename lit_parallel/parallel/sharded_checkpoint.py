@@ -24,13 +24,14 @@ import torch
 
 from lit_parallel.parallel.safe_load import SafeFileSystemReader, load_dcp_metadata, safe_torch_load
 
-__all__ = ["COMPRESSION_KEY", "DP_SYNC_FILE", "META_FILE", "REPLICA_KEY", "load_sharded", "read_meta",
+__all__ = ["COMPRESSION_KEY", "DP_SYNC_FILE", "DP_SYNC_SHARD_FILE", "META_FILE", "REPLICA_KEY", "load_sharded", "read_meta",
            "remove_path", "save_sharded"]
 
 META_FILE = "meta.pt"
 COMPRESSION_KEY = "gradient_compression"
 REPLICA_KEY = "replica_dp{}"  # per-replica model/optimizer entries when the dp axis runs local SGD / DiLoCo
 DP_SYNC_FILE = "dp_sync_tp{}_pp{}.pt"  # the dp-sync algorithm state of one (tp, pp) shard
+DP_SYNC_SHARD_FILE = "dp_sync_tp{}_pp{}_shard{}.pt"  # the same, per FSDP2 dp_shard index (zero_stage 2-3)
 
 
 def remove_path(path: Path) -> None:

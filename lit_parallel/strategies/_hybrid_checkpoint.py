@@ -24,6 +24,7 @@ from lit_parallel.parallel.safe_load import safe_torch_load
 from lit_parallel.parallel.sharded_checkpoint import (
     COMPRESSION_KEY,
     DP_SYNC_FILE,
+    DP_SYNC_SHARD_FILE,
     REPLICA_KEY,
     load_sharded,
     read_meta,
@@ -79,13 +80,14 @@ class ShardedCheckpointMixin:
         replica_key, rank_files = None, {}
         if self._dp.state is not None:
             coords = self.dims.coordinates(self.global_rank)
-            # The replicas differ between synchronizations: every dp replica keeps its own entries.
-            replica_key = REPLICA_KEY.format(coords["dp"])
+            # The replicas differ between synchronizations: every replica keeps its own entries (with FSDP2 a
+            # replica is a dp_shard group, whose ranks write the shards of the same entries).
+            replica_key = REPLICA_KEY.format(self._replica_index(coords))
             # Outer state (counters; DiLoCo's global parameters, momentum, exchange in flight): identical
-            # across dp, one file per (tp, pp) shard.
+            # across replicas, one file per (tp, pp) shard (and per dp_shard index with FSDP2).
             dp_state = self._dp.state.state_dict()  # every rank: it waits for an exchange in flight
-            if coords["dp"] == 0:
-                rank_files[DP_SYNC_FILE.format(coords["tp"], coords["pp"])] = dp_state
+            if self._replica_index(coords) == 0:
+                rank_files[self._dp_sync_file(coords)] = dp_state
         if self._dp.compression is not None:
             # Error-feedback memory differs per rank (per dp replica and per tp/pp shard): keep every rank's.
             states: list[Any] = [None] * self.world_size
@@ -94,6 +96,14 @@ class ShardedCheckpointMixin:
         checkpoint["parallel_layout"] = self._layout()
         save_sharded(path, state, checkpoint, is_writer=self.is_global_zero, barrier=self.barrier,
                      replica_key=replica_key, rank_files=rank_files)
+
+    def _replica_index(self, coords: dict[str, int]) -> int:
+        return coords["dp_replicate"] if self.zero_stage >= 2 else coords["dp"]
+
+    def _dp_sync_file(self, coords: dict[str, int]) -> str:
+        if self.zero_stage >= 2:
+            return DP_SYNC_SHARD_FILE.format(coords["tp"], coords["pp"], coords["dp_shard"])
+        return DP_SYNC_FILE.format(coords["tp"], coords["pp"])
 
     def _layout(self) -> dict[str, Any]:
         assert self.dims is not None
@@ -150,7 +160,7 @@ class ShardedCheckpointMixin:
                 f"its replicas differ, so it resumes only with the same layout and data_parallel_sync "
                 f"(this run: {self._layout()})."
             )
-        return REPLICA_KEY.format(self.dims.coordinates(self.global_rank)["dp"])
+        return REPLICA_KEY.format(self._replica_index(self.dims.coordinates(self.global_rank)))
 
     def _load_dp_sync_state(self, saved_sync: str | None, path: Path) -> None:
         if self._dp.state is None:
@@ -163,8 +173,7 @@ class ShardedCheckpointMixin:
                            "from its parameters with a fresh round counter.")
             return
         assert self.dims is not None
-        coords = self.dims.coordinates(self.global_rank)
-        dp_state = safe_torch_load(path / DP_SYNC_FILE.format(coords["tp"], coords["pp"]))
+        dp_state = safe_torch_load(path / self._dp_sync_file(self.dims.coordinates(self.global_rank)))
         self._dp.state.load_state_dict(dp_state)
 
     def _load_compression_state(self, meta: dict[str, Any], path: Path) -> None:

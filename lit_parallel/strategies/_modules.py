@@ -211,11 +211,12 @@ class ModelParallelizer:
 
     @staticmethod
     def shard(module: nn.Module, blocks: dict[str, list[str]], mesh: DeviceMesh, sharding: ShardingOptions,
-              runtime: PipelineRuntime | None) -> None:
+              runtime: PipelineRuntime | None, fsdp_replicates: bool = True) -> None:
         """Activation checkpointing, then FSDP2 (``zero_stage >= 2``) per network, after the split and TP.
 
         The FSDP mesh is ``mesh["dp_shard"]``, or ``mesh["dp_replicate", "dp_shard"]`` (HSDP) when shards are
-        replicated; under a pipeline each of this rank's stage modules is an FSDP root.
+        replicated and ``fsdp_replicates`` (else the caller averages over ``dp_replicate`` itself); under a
+        pipeline each of this rank's stage modules is an FSDP root.
         """
         from lit_parallel.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 
@@ -224,7 +225,8 @@ class ModelParallelizer:
             apply_activation_checkpointing(net, net_blocks, sharding.activation_checkpointing)
             if sharding.zero_stage < 2:
                 continue
-            dp_mesh = mesh["dp_shard"] if mesh["dp_replicate"].size() == 1 else mesh["dp_replicate", "dp_shard"]
+            hsdp = fsdp_replicates and mesh["dp_replicate"].size() > 1
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if hsdp else mesh["dp_shard"]
             apply_fsdp(net, net_blocks, dp_mesh, sharding.zero_stage, pipelined=runtime is not None,
                        roots=runtime.stage_modules if runtime is not None else None)
 

@@ -37,7 +37,16 @@ from lit_parallel.parallel.context import ParallelContext
 from lit_parallel.parallel.data_parallel import local_tensor
 from lit_parallel.parallel.dp_axis import DataParallelAxis
 from lit_parallel.parallel.families import get_family
-from lit_parallel.parallel.fsdp import OptimizerStatePartition, ShardingOptions, fsdp_managed
+from lit_parallel.parallel.fsdp import (
+    OptimizerStatePartition,
+    ShardingOptions,
+    compress_replicate_axis,
+    fsdp_managed,
+)
+from lit_parallel.parallel.local_sgd import (
+    DiLoCo,
+    LocalSGD,
+)
 from lit_parallel.parallel.materialize import (
     WEIGHTS_ATTR,
     MetaOrigins,
@@ -45,11 +54,7 @@ from lit_parallel.parallel.materialize import (
     has_meta,
     materialize,
 )
-from lit_parallel.parallel.local_sgd import (
-    DiLoCo,
-    LocalSGD,
-)
-from lit_parallel.parallel.mesh import ParallelDims, build_mesh, new_dp_groups
+from lit_parallel.parallel.mesh import ParallelDims, build_mesh, mesh_dim, new_dp_groups
 from lit_parallel.parallel.pipeline_runtime import PipelineRuntime, positional_inputs
 from lit_parallel.parallel.pipeline_schedules import PipelineOptions
 from lit_parallel.precision import HybridPrecision, to_mesh_aware
@@ -216,22 +221,21 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         self._zero1: OptimizerStatePartition | None = None
 
     def _check_sharding_combination(self) -> None:
-        """Refuse, before any process group, what a sharded dp axis does not support (yet)."""
+        """Refuse, before any process group, what a sharded dp axis does not support."""
         stage = self._sharding.zero_stage
-        if stage == 0:
-            return
-        if self._dp.sync is not None:
+        if stage == 1 and self._dp.sync is not None:
             raise ConfigurationError(
-                f"zero_stage={stage} with data_parallel_sync={self._dp.sync!r} is not supported: local SGD / DiLoCo "
-                "rounds run over replicated parameters. Use zero_stage=0 with data_parallel_sync, or drop "
-                "data_parallel_sync to shard the dp axis."
+                f"zero_stage=1 with data_parallel_sync={self._dp.sync!r} is not supported: ZeRO-1 partitions the "
+                "optimizer step of gradients averaged every step, which local SGD / DiLoCo do not average. Use "
+                "zero_stage=2 or 3 (each replica shards its state over dp_shard, the rounds run over dp_replicate) "
+                "or zero_stage=0."
             )
-        if stage >= 2 and self._dp.compression is not None:
-            raise ConfigurationError(
-                f"zero_stage={stage} with gradient_compression={type(self._dp.compression).__name__} is not "
-                "supported: FSDP2 reduce-scatters the gradients itself. Use zero_stage=0 or 1 (gradients are "
-                "all-reduced, so they can be compressed), or drop gradient_compression."
-            )
+
+    @property
+    def _replicate_axis_ours(self) -> bool:
+        """With FSDP2 (zero 2/3): the replicate axis runs our compressed averaging or local SGD / DiLoCo rounds
+        instead of FSDP2's own HSDP all-reduce."""
+        return self.zero_stage >= 2 and (self._dp.sync is not None or self._dp.compression is not None)
 
     @property
     def zero_stage(self) -> int:
@@ -307,13 +311,13 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
 
     @property
     def data_parallel_group(self) -> Any:
-        return self.device_mesh.get_group("dp")
+        return mesh_dim(self.device_mesh, "dp").get_group()
 
     @property
     def replica_group(self) -> Any:
         """The ranks holding identical copies of this rank's parameters (dp; only dp_replicate when FSDP2
         shards the parameters over dp_shard)."""
-        return self.device_mesh.get_group("dp_replicate" if self.zero_stage >= 2 else "dp")
+        return mesh_dim(self.device_mesh, "dp_replicate" if self.zero_stage >= 2 else "dp").get_group()
 
     @property
     def tensor_parallel_group(self) -> Any:
@@ -349,7 +353,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # Tensor and pipeline peers must see the same batch: sample over the dp axis only.
-        dp_mesh = self.device_mesh["dp"]
+        dp_mesh = mesh_dim(self.device_mesh, "dp")
         return {"num_replicas": dp_mesh.size(), "rank": dp_mesh.get_local_rank()}
 
     @property
@@ -400,6 +404,12 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
                 raise ConfigurationError(
                     f"{name}={shown} needs data parallelism, but dp={self.dims.dp} (tp={self.dims.tp}, "
                     f"pp={self.dims.pp}, world_size={world_size}); use more processes or drop it."
+                )
+            if shown and self.zero_stage >= 2 and self.dims.dp_replicate < 2:
+                raise ConfigurationError(
+                    f"{name}={shown} with zero_stage={self.zero_stage} acts on the replicate axis, but dp={self.dims.dp} "
+                    f"is 1 replica x {self.dims.dp_shard} shards; set data_parallel_shard_size to a proper divisor of "
+                    f"{self.dims.dp} (e.g. {self.dims.dp // 2 if self.dims.dp % 2 == 0 else 1}) or drop {name}."
                 )
         if not self._is_parallelized():
             self._parallelizer.validate(self.lightning_module)  # every check that needs no collective
@@ -483,17 +493,43 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         self.model = self.precision_plugin.convert_module(module)
         # Activation checkpointing and FSDP2 come after the dtype conversion (FSDP2 shards the parameters as they
         # will train, and moves them to the mesh's device); meta-built networks get their shards only then.
-        self._parallelizer.shard(module, self._blocks, self.device_mesh, self._sharding, self._pipeline)
+        self._parallelizer.shard(module, self._blocks, self.device_mesh, self._sharding, self._pipeline,
+                                 fsdp_replicates=not self._replicate_axis_ours)
         self._materialize()
         self.model_to_device()
-        # FSDP2 reduce-scatters these (under a pipeline the roots are the stage modules); the dp axis averages the rest
-        sharded = fsdp_managed([module, *(self._pipeline.stage_modules if self._pipeline is not None else [])])
-        self._dp.setup([(n, p) for n, p in module.named_parameters() if id(p) not in sharded],
-                       self._local_parameters(), self.data_parallel_group,
-                       overlap=self.overlap_grad_sync and self.dims.pp == 1,
-                       new_group=lambda: new_dp_groups(self.device_mesh, self._process_group_backend))
+        self._setup_dp_axis(module)
         self._parallelized = weakref.ref(module)
         self._finish_setup(trainer)
+
+    def _setup_dp_axis(self, module: Any) -> None:
+        """What the dp axis does each step besides FSDP2.
+
+        FSDP2 reduce-scatters the gradients of what it manages (under a pipeline its roots are the stage
+        modules); the dp axis averages the rest. With FSDP2 and ``gradient_compression`` (no rounds) the replicate
+        axis exchange is compressed from FSDP2's all-reduce hook, per FSDP unit, during backward; with
+        ``data_parallel_sync`` the rounds run over ``dp_replicate`` on each rank's FSDP2 shards.
+        """
+        roots = [module, *(self._pipeline.stage_modules if self._pipeline is not None else [])]
+        sharded = fsdp_managed(roots)
+        rest = [(n, p) for n, p in module.named_parameters() if id(p) not in sharded and p.requires_grad]
+        if self._replicate_axis_ours and self._dp.sync is not None:
+            if rest:
+                raise ConfigurationError(
+                    f"data_parallel_sync={self._dp.sync!r} with zero_stage={self.zero_stage} needs every trainable "
+                    f"parameter inside an FSDP2 unit, but {[n for n, _ in rest][:3]} are outside the networks the "
+                    "strategy shards; move them into self.model or use zero_stage=0."
+                )
+            replicate = mesh_dim(self.device_mesh, "dp_replicate")
+            self._dp.setup([], self._local_parameters(), replicate.get_group(), overlap=False,
+                           new_group=lambda: new_dp_groups(self.device_mesh, self._process_group_backend,
+                                                           "dp_replicate"))
+            return
+        if self._replicate_axis_ours:
+            replicate_group = mesh_dim(self.device_mesh, "dp_replicate").get_group()
+            compress_replicate_axis(roots, self.compressor, replicate_group)
+        self._dp.setup(rest, self._local_parameters(), self.data_parallel_group,
+                       overlap=self.overlap_grad_sync and self.dims.pp == 1,
+                       new_group=lambda: new_dp_groups(self.device_mesh, self._process_group_backend))
 
     def _materialize(self) -> None:
         """Allocate and fill this rank's shards of meta-built networks (pretrained slices or seeded init)."""
@@ -601,7 +637,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         if self._dp.state is None:
             check_replicas_now(self, self.replica_check_every_n_steps, self.replica_group)
         elif self._dp.after_optimizer_step(self._local_parameters()):
-            check_replicas_after_round(self, self.replica_check_every_n_steps, self._dp.state, self.data_parallel_group)
+            check_replicas_after_round(self, self.replica_check_every_n_steps, self._dp.state, self.replica_group)
         return output
 
     @contextmanager

@@ -35,13 +35,13 @@ Each rank is a spawned process (gloo) and measures itself:
   (every rank allocates and initializes the full model first) to show the spike meta-device init avoids.
 
 The planner's figures are ``lit_parallel.plan.estimate_memory`` for the same config and layout (worst rank);
-they are compared with the largest measured rank.
+they are compared with the largest measured rank of that stage.
 
 **Largest model** (part ``largest``): Llama shapes of growing size (vocab 32000, untied, fp32, AdamW, 1 x 64
 tokens), trained 3 steps as one process (``zero_stage=0``) and as 4 ranks with ``zero_stage=3`` and
 ``activation_checkpointing="full"``, each run capped in time (``--timeout``) and in memory: a watchdog kills the
-run when the ranks' summed RSS exceeds ``--memory-cap`` (the machine is shared, so the kernel's OOM killer
-is not left to choose a process). The search per mode stops at the first size that fails.
+run when the ranks' summed RSS exceeds ``--memory-cap`` or the machine has less than 3 GiB available (it is
+shared, so the kernel's OOM killer is not left to choose a process). The search per mode stops at the first size that fails.
 """
 
 from __future__ import annotations
@@ -442,7 +442,10 @@ def layout_table(rows: dict[str, dict]) -> str:
                        "| | | | | | | | |")
             continue
         ranks = row["ranks"]
-        worst = max(ranks, key=lambda r: r["train_state"])
+        # the planner predicts its worst stage; compare with the ranks of that stage (pp is the outer mesh axis)
+        per_stage = row["world_size"] // row["pp"]
+        stage = [r for i, r in enumerate(ranks) if i // per_stage == p["stage"]]
+        worst = max(stage, key=lambda r: r["train_state"])
         states = " / ".join(f"{_mib(r['train_state'])}" for r in ranks)
         parts = f"{_mib(worst['params'])} + {_mib(worst['grads_held'])} + {_mib(worst['optimizer'])}"
         check = "PASS" if all(r["check"] == "PASS" for r in ranks) else "FAIL"
@@ -451,7 +454,7 @@ def layout_table(rows: dict[str, dict]) -> str:
             for k, v in r["replicated"].items():
                 rep[k] = max(rep.get(k, 0), v)
         rep_text = ", ".join(f"`{k}` {v / MiB:.2f}" for k, v in rep.items()) or "-"
-        acts = [r["activations"] for r in ranks if r["activations"] is not None]
+        acts = [r["activations"] for r in stage if r["activations"] is not None]
         act = max(acts) if acts else None
         rss = " / ".join(f"{_mib(r['setup_peak_rss'])}→{_mib(r['final_peak_rss'])}" for r in ranks)
         label = name + ("" if row["empty_init"] else " (**no** empty_init)")
@@ -485,6 +488,17 @@ def _child_rss(pid: int) -> int:
         total += rss.get(p, 0)
         stack.extend(children.get(p, []))
     return total
+
+
+_RESERVE = 3 * 2**30  # stop a run before the machine (shared with other work) runs out of memory
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
 
 
 def _largest_worker(size: str, mode: str, timeout: float, conn: Any) -> None:
@@ -528,8 +542,12 @@ def measure_largest(size: str, mode: str, timeout: float, cap: int) -> dict[str,
     while proc.is_alive():
         peak_sum = max(peak_sum, _child_rss(os.getpid()))
         elapsed = time.perf_counter() - t0
+        available = _mem_available()
         if peak_sum > cap:
             reason = f"killed: the ranks' summed RSS reached {peak_sum / 2**30:.1f} GiB (cap {cap / 2**30:.1f} GiB)"
+        elif available < _RESERVE:
+            reason = (f"killed at {peak_sum / 2**30:.1f} GiB summed RSS: the machine had {available / 2**30:.1f} GiB "
+                      "left (other processes share it)")
         elif elapsed > timeout + 30:
             reason = f"did not finish {STEPS} steps in {elapsed:.0f} s"
         if reason:

@@ -191,3 +191,58 @@ def test_meta_tensor_without_source_or_init_rule_is_refused():
         module = _Plain()
     with pytest.raises(ConfigurationError, match=r"model\.scale \(_NoInit\) was built on the meta device"):
         trainer.fit(module, DataLoader(torch.ones(2, 4), batch_size=1))
+
+
+class _BuiltInConfigureModel(L.LightningModule):
+    """A user's module that creates its network in ``configure_model`` (Lightning's large-model convention)."""
+
+    def __init__(self, net: nn.Module | None = None) -> None:
+        super().__init__()
+        self.net = net
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = _net()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss, sync_dist=True)  # the global batch's loss on every rank
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def _xy():
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(STEPS * 8, 12, generator=g), torch.randint(0, 10, (STEPS * 8,), generator=g))
+
+
+def _fit_configure_model() -> tuple:
+    L.seed_everything(SEED, verbose=False)
+    strategy = HybridParallelStrategy(tensor_parallel_size=2, zero_stage=3, data_parallel_size=2)
+    recorder = _LossRecorder()
+    _trainer(4, strategy, [recorder]).fit(_BuiltInConfigureModel(), DataLoader(_xy(), batch_size=4, shuffle=True))
+    return recorder.losses, strategy.export_state_dict()
+
+
+@pytest.mark.slow
+def test_network_built_in_configure_model_is_materialized_per_shard():
+    results = run_distributed(_fit_configure_model, world_size=4, init_process_group=False, timeout=300)
+    L.seed_everything(SEED, verbose=False)
+    with torch.device("meta"):
+        net = _net()
+    materialize(net, MetaOrigins.capture(net), torch.device("cpu"), SEED)
+    module, recorder = _BuiltInConfigureModel(net), _LossRecorder()
+    order = global_batch_order(STEPS * 8, 2, 4, SEED)
+    _trainer(1, "auto", [recorder]).fit(module, DataLoader(_xy(), batch_size=8, sampler=order))
+    torch.testing.assert_close(torch.tensor(results[0][0]), torch.tensor(recorder.losses), rtol=1e-5, atol=1e-7)
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(results[0][1][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -19,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections.abc import Callable
@@ -215,7 +214,10 @@ def _slice(full: Tensor, box: tuple[tuple[int, ...], tuple[int, ...]] | None) ->
 def _full_values(origin: _Origin, seed: int, rule: Callable[[nn.Module], None] | None) -> dict[str, Tensor]:
     """Run the canonical module's initialization on full-size CPU tensors (this module only)."""
     module = origin.module
-    shadow = copy.copy(module)  # same class (init rules dispatch on it), own tensor dicts, no children
+    # Same class (init rules dispatch on it), own tensor dicts, no children. Not copy.copy: FSDP2's module
+    # classes run __init__ again in __new__.
+    shadow = object.__new__(type(module))
+    shadow.__dict__.update(module.__dict__)
     shadow._modules = {}
     shadow._parameters = {n: None if t is None else nn.Parameter(_unset(t), requires_grad=t.requires_grad)
                           for n, t in module._parameters.items()}

@@ -414,7 +414,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         if not self._is_parallelized():
             self._parallelizer.validate(self.lightning_module)  # every check that needs no collective
             self._parallelizer.check_sharding(self.lightning_module, self._sharding)
-            self._capture_meta_networks()
+            self._capture_meta_networks()  # networks built under init_module(empty_init=True): refused early
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
         )
@@ -456,6 +456,14 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
             )
 
     @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """``configure_model`` builds on the meta device too (only what it creates: networks made in
+        ``__init__`` keep their weights); each rank materializes its shards at setup."""
+        with torch.device("meta"):
+            yield
+
+    @contextmanager
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
         """``trainer.init_module(empty_init=True)`` builds on the meta device: nothing is allocated until each
         rank materializes its own shards after the split (:mod:`lit_parallel.parallel.materialize`)."""
@@ -485,6 +493,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
             self.model = module
             self._finish_setup(trainer)
             return
+        self._capture_meta_networks()  # again: configure_model may have built networks (on the meta device)
         self._pipeline, self._blocks = self._parallelizer.parallelize(module, self.device_mesh, self.root_device)
         if self._layer_sync is not None:
             # Trainer(sync_batchnorm=True): statistics over the dp axis only (tp/pp peers see the same batch).

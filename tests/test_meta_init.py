@@ -246,3 +246,58 @@ def test_network_built_in_configure_model_is_materialized_per_shard():
     torch.testing.assert_close(torch.tensor(results[0][0]), torch.tensor(recorder.losses), rtol=1e-5, atol=1e-7)
     for name, value in module.state_dict().items():
         torch.testing.assert_close(results[0][1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _load_minilm() -> tuple:
+    from lit_parallel.models import SequenceClassifier
+
+    L.seed_everything(SEED, verbose=False)
+    strategy = HybridParallelStrategy(tensor_parallel_size=2)
+    export = _Export()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[export], limit_train_batches=1)
+    with trainer.init_module(empty_init=True):
+        module = SequenceClassifier("minilm", num_labels=5)
+    source = getattr(module.model, WEIGHTS_ATTR)
+
+    class _Labelled(_Tokens):
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            item = super().__getitem__(i)
+            return {**item, "labels": item["labels"][0] % 5}
+
+    trainer.fit(module, DataLoader(_Labelled(), batch_size=2))
+    return export.state, strategy.materialized_bytes, source.bytes_read
+
+
+def test_per_shard_loading_base_model_checkpoint_into_classifier():
+    """MiniLM's files hold a BertModel (``embeddings...``); the classifier's names are ``bert.embeddings...``."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lit_parallel.models.loading import resolve_pretrained
+
+    state, allocated, read = run_distributed(_load_minilm, world_size=2, init_process_group=False, timeout=300)[0]
+    reference = AutoModelForSequenceClassification.from_pretrained(resolve_pretrained("minilm"), num_labels=5)
+    encoder = {k: v for k, v in reference.state_dict().items() if k.startswith("bert.")}
+    for name, value in encoder.items():
+        assert torch.equal(state[name], value), f"{name}: loaded shards differ from the checkpoint"
+    assert state["classifier.weight"].shape == (5, reference.config.hidden_size)
+    assert 0 < read <= allocated
+
+
+class _WithMetric(_Plain):
+    def __init__(self) -> None:
+        super().__init__()
+        import torchmetrics
+
+        self.model = nn.Linear(4, 4)
+        self.acc = torchmetrics.Accuracy(task="multiclass", num_classes=4)
+
+
+def test_metric_built_on_the_meta_device_is_refused():
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=HybridParallelStrategy(), max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    with trainer.init_module(empty_init=True):
+        module = _WithMetric()
+    with pytest.raises(ConfigurationError, match=r"meta-device tensors outside the networks.*\['acc'\]"):
+        trainer.fit(module, DataLoader(torch.ones(2, 4), batch_size=1))

@@ -29,6 +29,7 @@ import fnmatch
 import logging
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -259,4 +260,20 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, family: str | N
     apply_plan(model, tp_mesh, spec.tp_plan(model, tp_size))
     if spec.localize_tp is not None:
         spec.localize_tp(model, tp_size)
+    for param in model.parameters():
+        if isinstance(param, DTensor) and param.requires_grad:
+            param.register_post_accumulate_grad_hook(_grad_placed_like_param)
     return model
+
+
+def _grad_placed_like_param(param: torch.Tensor) -> None:
+    """Keep a gradient sharded like its parameter.
+
+    DTensor's backward of a vocabulary-sharded embedding (``Shard(0)`` weight) returns a ``Replicate()``
+    gradient: the full table on every tp rank (measured: +47 MiB per rank for a 32k x 768 embedding, and twice
+    the bytes in the dp all-reduce). Redistributing to the parameter's placements is local (each rank keeps its
+    slice). FSDP2 does the same for the parameters it manages.
+    """
+    grad = param.grad
+    if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(param.placements):  # type: ignore[attr-defined]
+        param.grad = grad.redistribute(param.device_mesh, param.placements)  # type: ignore[attr-defined]

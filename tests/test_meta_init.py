@@ -301,3 +301,19 @@ def test_metric_built_on_the_meta_device_is_refused():
         module = _WithMetric()
     with pytest.raises(ConfigurationError, match=r"meta-device tensors outside the networks.*\['acc'\]"):
         trainer.fit(module, DataLoader(torch.ones(2, 4), batch_size=1))
+
+
+class _FromPretrainedInConfigureModel(_Plain):
+    def configure_model(self) -> None:
+        from transformers import AutoModel
+
+        from lit_parallel.models.loading import resolve_pretrained
+
+        self.model = AutoModel.from_pretrained(resolve_pretrained("minilm"))
+
+
+def test_from_pretrained_in_configure_model_gets_a_clear_error():
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=HybridParallelStrategy(), max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ConfigurationError, match=r"runs configure_model on the meta device.*load_causal_lm"):
+        trainer.fit(_FromPretrainedInConfigureModel(), DataLoader(torch.ones(2, 4), batch_size=1))

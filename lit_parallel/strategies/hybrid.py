@@ -459,9 +459,24 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
     @override
     def model_sharded_context(self) -> Generator[None, None, None]:
         """``configure_model`` builds on the meta device too (only what it creates: networks made in
-        ``__init__`` keep their weights); each rank materializes its shards at setup."""
-        with torch.device("meta"):
-            yield
+        ``__init__`` keep their weights); each rank materializes its shards at setup.
+
+        Raises:
+            ConfigurationError: ``from_pretrained`` in ``configure_model`` (transformers refuses to load weights
+                onto the meta device); the message says what works instead.
+        """
+        try:
+            with torch.device("meta"):
+                yield
+        except RuntimeError as err:
+            if "from_pretrained" not in str(err):
+                raise
+            raise ConfigurationError(
+                f"{type(self).__name__} runs configure_model on the meta device (each rank then loads only its "
+                "shards), where transformers' from_pretrained cannot load weights. Build the model there with "
+                "lit_parallel.models.loading.load_causal_lm / load_sequence_classifier (or from_config plus "
+                "SafetensorsSource, docs/hybrid.md 'Meta-device init'), or call from_pretrained in __init__."
+            ) from err
 
     @contextmanager
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:

@@ -317,3 +317,20 @@ def test_from_pretrained_in_configure_model_gets_a_clear_error():
                         enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ConfigurationError, match=r"runs configure_model on the meta device.*load_causal_lm"):
         trainer.fit(_FromPretrainedInConfigureModel(), DataLoader(torch.ones(2, 4), batch_size=1))
+
+
+class _HalfInit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(4, 4))
+        self.extra = nn.Parameter(torch.empty(4))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)  # forgets self.extra
+
+
+def test_init_rule_that_leaves_a_tensor_unset_is_refused():
+    with torch.device("meta"):
+        net = nn.Sequential(_HalfInit())
+    with pytest.raises(ConfigurationError, match=r"0\.extra \(_HalfInit\) .* does not set it"):
+        materialize(net, MetaOrigins.capture(net), torch.device("cpu"), 0)

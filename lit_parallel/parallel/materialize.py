@@ -228,16 +228,8 @@ def _full_values(origin: _Origin, seed: int, rule: Callable[[nn.Module], None] |
             rule(shadow)
         else:
             shadow.reset_parameters()
-    values = {**{n: p.data for n, p in shadow._parameters.items() if p is not None},
-              **{n: b for n, b in shadow._buffers.items() if b is not None}}
-    for name, value in values.items():
-        if _is_unset(value):  # never silently train on uninitialized memory
-            raise ConfigurationError(
-                f"{origin.module_name}.{name} ({type(module).__name__}) was built on the meta device and its "
-                f"initialization ({'_init_weights' if rule is not None else 'reset_parameters'}) does not set it; "
-                "load pretrained weights that contain it, or build the model without empty_init."
-            )
-    return values
+    return {**{n: p.data for n, p in shadow._parameters.items() if p is not None},
+            **{n: b for n, b in shadow._buffers.items() if b is not None}}
 
 
 def _unset(tensor: Tensor) -> Tensor:
@@ -269,8 +261,11 @@ def materialize(net: nn.Module, origins: MetaOrigins, device: torch.device, seed
     """Allocate and fill this rank's shards of the meta tensors of ``net``; returns the bytes allocated.
 
     Tensors found in ``source`` are read slice by slice; the others are initialized by their canonical
-    module's rule under ``module_seed(seed, module name)``. Buffers an init rule does not set (e.g. rotary
-    frequencies of an old ``transformers``) keep what the module's rule computes on the full-size shadow.
+    module's rule under ``module_seed(seed, module name)``.
+
+    Raises:
+        ConfigurationError: the rule leaves a tensor unset (it would train on uninitialized memory), or a source
+            tensor's shape does not match the model.
     """
     meta = {fqn: t for fqn, t in [*net.named_parameters(remove_duplicate=False),
                                    *net.named_buffers(remove_duplicate=False)] if t.is_meta}
@@ -298,7 +293,14 @@ def materialize(net: nn.Module, origins: MetaOrigins, device: torch.device, seed
         else:
             if origin.module_name not in cache:
                 cache = {origin.module_name: _full_values(origin, seed, rule)}  # one module's full tensors at a time
-            value = _slice(cache[origin.module_name][origin.attr], box)
+            full = cache[origin.module_name][origin.attr]
+            if _is_unset(full):  # never silently train on uninitialized memory
+                raise ConfigurationError(
+                    f"{canonical} ({type(origin.module).__name__}) was built on the meta device and its "
+                    f"initialization ({'_init_weights' if rule is not None else 'reset_parameters'}) does not set "
+                    "it; load pretrained weights that contain it, or build the model without empty_init."
+                )
+            value = _slice(full, box)
         if tuple(value.shape) != tuple(local.shape):
             raise ConfigurationError(
                 f"{fqn}: the weight source gives shape {tuple(value.shape)} for this rank's shard of shape "

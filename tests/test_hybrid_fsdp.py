@@ -201,15 +201,18 @@ def test_accumulation_clipping_schedule_match_single_process(zero):
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=f"zero {zero}: {name}")
 
 
-def _pruned(zero: int) -> dict:
+def _pruned(zero: int, structured: bool = False) -> dict:
     from test_pruning_distributed import FEATURES, GLOBAL_BATCH, STEPS, _hybrid_data
 
-    from lit_parallel.callbacks import MagnitudePruning
+    from lit_parallel.callbacks import MagnitudePruning, StructuredPruning
     from lit_parallel.models import ImageClassifier, mlp
 
     L.seed_everything(11, verbose=False)
     module = ImageClassifier(net=mlp(in_features=FEATURES, hidden=32, depth=3), lr=1e-2, optimizer="adamw")
-    pruning = MagnitudePruning(0.8, start_step=2, end_step=10, every_n_steps=4, make_permanent=False)
+    if structured:
+        pruning = StructuredPruning(0.5, start_step=2, end_step=10, every_n_steps=4, make_permanent=False)
+    else:
+        pruning = MagnitudePruning(0.8, start_step=2, end_step=10, every_n_steps=4, make_permanent=False)
     strategy = HybridParallelStrategy(data_parallel_size=2, zero_stage=zero)
     L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -218,17 +221,21 @@ def _pruned(zero: int) -> dict:
 
 
 def _pruned_stages() -> list:
-    return [_pruned(zero) for zero in (0, 1, 3)]
+    return [_pruned(zero, structured) for structured in (False, True) for zero in (0, 1, 3)]
 
 
 @pytest.mark.slow
-def test_magnitude_pruning_masks_equal_across_zero_stages():
-    replicated, zero1, zero3 = run_distributed(_pruned_stages, world_size=2, init_process_group=False,
-                                               timeout=300)[0]
+def test_pruning_masks_equal_across_zero_stages():
+    results = run_distributed(_pruned_stages, world_size=2, init_process_group=False, timeout=300)[0]
+    for kind, (replicated, zero1, zero3) in (("magnitude", results[:3]), ("structured", results[3:])):
+        _same_masks(kind, replicated, zero1, zero3)
+
+
+def _same_masks(kind: str, replicated: dict, zero1: dict, zero3: dict) -> None:
     zeros = sum(int((v == 0).sum()) for k, v in replicated.items() if k.endswith("weight"))
-    assert zeros > 0
+    assert zeros > 0, kind
     for name, value in replicated.items():
-        for stage, state in (("zero 1", zero1), ("zero 3", zero3)):
+        for stage, state in ((f"{kind} zero 1", zero1), (f"{kind} zero 3", zero3)):
             if name.endswith("weight"):
                 assert torch.equal(state[name] == 0, value == 0), f"{stage}: mask of {name} differs"
             torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=f"{stage}: {name}")

@@ -57,6 +57,7 @@ from lit_parallel.parallel.materialize import (
 from lit_parallel.parallel.mesh import ParallelDims, build_mesh, mesh_dim, new_dp_groups
 from lit_parallel.parallel.pipeline_runtime import PipelineRuntime, positional_inputs
 from lit_parallel.parallel.pipeline_schedules import PipelineOptions
+from lit_parallel.parallel.tensor_parallel import place_gradients_like_parameters
 from lit_parallel.precision import HybridPrecision, to_mesh_aware
 from lit_parallel.strategies._hybrid_checkpoint import ShardedCheckpointMixin
 from lit_parallel.strategies._launch import (
@@ -681,6 +682,8 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
         if self._pipeline is not None:
             self._pipeline.sync_tied_gradients(self.lightning_module.model)
         self._dp.sync_gradients()
+        if self._tp > 1:  # after the dp sync: an overlapped bucket writes into the gradients it started from
+            place_gradients_like_parameters(self.lightning_module.parameters())
 
     # -- collectives -------------------------------------------------------------------------------
     @override

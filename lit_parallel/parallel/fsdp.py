@@ -5,7 +5,7 @@ pipeline split -> TP per stage -> activation checkpointing -> FSDP per block, th
 
     options = ShardingOptions(zero_stage=3, activation_checkpointing="full")
     apply_activation_checkpointing(net, blocks, options.activation_checkpointing)
-    apply_fsdp(net, blocks, mesh["dp_shard"], options, pipelined=False)     # or mesh["dp_replicate", "dp_shard"]
+    apply_fsdp(net, blocks, mesh["dp_shard"], options.zero_stage, pipelined=False)  # HSDP: mesh["dp_replicate", "dp_shard"]
 
 What each stage shards over the ``dp_shard`` ranks (``dp = dp_replicate x dp_shard``):
 

@@ -480,6 +480,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ParallelStrategy):
             ) from err
 
     @contextmanager
+    @override
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
         """``trainer.init_module(empty_init=True)`` builds on the meta device: nothing is allocated until each
         rank materializes its own shards after the split (:mod:`lit_parallel.parallel.materialize`)."""

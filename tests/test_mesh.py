@@ -34,8 +34,17 @@ def test_sizes_must_be_positive_ints(bad):
 
 def test_coordinates_tp_innermost():
     dims = ParallelDims(pp=2, dp=2, tp=2, world_size=8)
-    assert [tuple(dims.coordinates(r).values()) for r in range(8)] == [
+    assert [tuple(dims.coordinates(r)[k] for k in ("pp", "dp", "tp")) for r in range(8)] == [
         (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+
+
+def test_sharded_coordinates_split_dp_into_replicate_and_shard():
+    dims = ParallelDims(pp=1, dp=4, tp=2, world_size=8, dp_shard=2, sharded=True)
+    assert dims.mesh_shape == (1, 2, 2, 2) and dims.dp_replicate == 2
+    assert [(dims.coordinates(r)["dp_replicate"], dims.coordinates(r)["dp_shard"]) for r in range(0, 8, 2)] == [
+        (0, 0), (0, 1), (1, 0), (1, 1)]
+    with pytest.raises(ConfigurationError, match=r"data_parallel_shard_size\(3\) does not divide dp\(4\)"):
+        ParallelDims(pp=1, dp=4, tp=1, world_size=4, dp_shard=3)
 
 
 def test_unknown_schedule_lists_valid_ones():

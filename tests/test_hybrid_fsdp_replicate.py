@@ -21,7 +21,7 @@ from test_local_sgd import LOCAL_BATCH, STEPS, _loader, _model
 
 from lit_parallel import ConfigurationError, DiLoCo, HybridParallelStrategy, LocalSGD
 from lit_parallel.callbacks import CommunicationMonitor
-from lit_parallel.compression import Int8
+from lit_parallel.compression import Int8, PowerSGD
 from lit_parallel.testing import run_distributed
 
 SHARDED = {"data_parallel_size": 4, "zero_stage": 3, "data_parallel_shard_size": 2}
@@ -50,6 +50,7 @@ def _all_checks(tmp: str) -> dict[str, Any]:
         "local_h1": _fit(HybridParallelStrategy(**SHARDED, data_parallel_sync=LocalSGD(sync_every=1))),
         "exact_hook": _fit(HybridParallelStrategy(**SHARDED, gradient_compression="none")),
         "int8": _fit(HybridParallelStrategy(**SHARDED, gradient_compression=Int8(chunk_size=64))),
+        "powersgd": _fit(HybridParallelStrategy(**SHARDED, gradient_compression=PowerSGD(rank=1, warmup_steps=0))),
         "diloco": _fit(HybridParallelStrategy(**SHARDED, data_parallel_sync=DiLoCo(sync_every=2, outer_momentum=0.5))),
         "uninterrupted": _fit_with_checkpoints(Path(tmp) / "run", None),
         "resumed": _fit_with_checkpoints(Path(tmp) / "resumed", str(Path(tmp) / "run" / "epoch=1-step=4.ckpt")),
@@ -75,12 +76,16 @@ def test_replicate_axis_of_ours_equals_fsdp2_hsdp(results, run):
 @pytest.mark.slow
 def test_compressed_replicate_axis_trains_with_fewer_bytes(results):
     for rank in range(4):
-        exact_bytes, int8_bytes = results[rank]["exact_hook"][1], results[rank]["int8"][1]
+        exact_bytes = results[rank]["exact_hook"][1]
+        int8_bytes, powersgd_bytes = results[rank]["int8"][1], results[rank]["powersgd"][1]
         assert 0 < int8_bytes < exact_bytes / 2, (rank, exact_bytes, int8_bytes)
-    for a, b in PEERS:  # replicas of the same shard stay bitwise equal (the guard also checks every step)
-        assert torch.equal(results[a]["int8"][0][-1], results[b]["int8"][0][-1])
-    first, last = results[0]["int8"][0][0], results[0]["int8"][0][-1]
-    assert not torch.equal(first, last)
+        # PowerSGD sees each parameter's gradient shard as a matrix (not the unit's flat buffer): it compresses
+        assert 0 < powersgd_bytes < exact_bytes / 2, (rank, exact_bytes, powersgd_bytes)
+    for run in ("int8", "powersgd"):
+        for a, b in PEERS:  # replicas of the same shard stay bitwise equal (the guard also checks every step)
+            assert torch.equal(results[a][run][0][-1], results[b][run][0][-1]), run
+        first, last = results[0][run][0][0], results[0][run][0][-1]
+        assert not torch.equal(first, last), run
 
 
 @pytest.mark.slow

@@ -174,8 +174,9 @@ def compress_replicate_axis(roots: Sequence[nn.Module], compressor: Any, group: 
 
     FSDP2 (on the ``dp_shard`` mesh only) calls the hook of each unit right after its reduce-scatter, during
     backward, with the flat shard of the unit's gradients (``set_all_reduce_hook``: the building block for a
-    custom HSDP all-reduce); ``compressor.reduce_`` averages it over ``group`` (the replicate axis) in place,
-    with its error feedback keyed by the unit's name. Returns the number of units hooked.
+    custom HSDP all-reduce); ``compressor.reduce_`` averages the unit's per-parameter gradient shards over
+    ``group`` (the replicate axis) in place, with its error feedback keyed by the unit's name. Returns the
+    number of units hooked.
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -187,12 +188,34 @@ def compress_replicate_axis(roots: Sequence[nn.Module], compressor: Any, group: 
             seen.add(id(sub))
             key = f"fsdp{index}.{name}" if name else f"fsdp{index}"
 
-            def hook(shard: Tensor, key: str = key) -> None:
-                compressor.reduce_(key, [shard], group)
+            def hook(flat: Tensor, key: str = key, unit: Any = sub) -> None:
+                compressor.reduce_(key, _gradient_shards(unit, flat), group)
 
             sub.set_all_reduce_hook(hook)
             count += 1
     return count
+
+
+def _gradient_shards(unit: Any, flat: Tensor) -> list[Tensor]:
+    """The per-parameter gradient shards inside FSDP2's flat reduce-scatter output of ``unit``, shaped like the
+    parameters' shards (so PowerSGD sees matrices, not one vector); ``[flat]`` when the layout is not the one
+    expected (a parameter without a gradient in this backward).
+
+    FSDP2 lays the output out parameter after parameter, each padded to its padded shard size (as in its
+    ``foreach_reduce``); this reads its private ``FSDPParam`` sizes, checked against the buffer's size.
+    """
+    groups = getattr(unit._get_fsdp_state(), "_fsdp_param_groups", None) or []
+    if len(groups) != 1:
+        return [flat]
+    params = groups[0].fsdp_params
+    if sum(p.padded_sharded_param_size.numel() for p in params) != flat.numel() or flat.storage_offset() != 0:
+        return [flat]
+    views, offset = [], 0
+    for param in params:
+        views.append(torch.as_strided(flat, size=param.sharded_size, stride=param.contiguous_sharded_stride,
+                                      storage_offset=offset))
+        offset += param.padded_sharded_param_size.numel()
+    return views
 
 
 class OptimizerStatePartition:

@@ -1,0 +1,177 @@
+"""The hybrid strategy's sharded data-parallel axis and meta-device init: Lightning glue over
+:mod:`lit_parallel.parallel.fsdp` (ZeRO 1-3 with FSDP2, the replicate axis) and
+:mod:`lit_parallel.parallel.materialize` (per-shard materialization); mixed into
+:class:`~lit_parallel.HybridParallelStrategy`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.fsdp import OptimizerStatePartition, compress_replicate_axis, fsdp_managed
+from lit_parallel.parallel.materialize import (
+    WEIGHTS_ATTR,
+    MetaOrigins,
+    check_initializable,
+    has_meta,
+    materialize,
+)
+from lit_parallel.parallel.mesh import mesh_dim, new_dp_groups
+
+__all__ = ["ShardedDataParallelMixin"]
+
+
+class ShardedDataParallelMixin:
+    """ZeRO stage, replicate-axis and meta-device hooks of :class:`~lit_parallel.HybridParallelStrategy` (uses its
+    mesh, dp axis, parallelizer and pipeline runtime)."""
+
+    # Provided by the strategy.
+    _sharding: Any  # ShardingOptions
+    _dp: Any  # DataParallelAxis
+    _parallelizer: Any  # ModelParallelizer
+    _pipeline: Any  # PipelineRuntime | None
+    _meta_origins: dict[str, MetaOrigins]
+    _zero1: OptimizerStatePartition | None
+    materialized_bytes: int
+
+    def _check_sharding_combination(self) -> None:
+        """Refuse, before any process group, what a sharded dp axis does not support."""
+        stage = self._sharding.zero_stage
+        if stage == 1 and self._dp.sync is not None:
+            raise ConfigurationError(
+                f"zero_stage=1 with data_parallel_sync={self._dp.sync!r} is not supported: ZeRO-1 partitions the "
+                "optimizer step of gradients averaged every step, which local SGD / DiLoCo do not average. Use "
+                "zero_stage=2 or 3 (each replica shards its state over dp_shard, the rounds run over dp_replicate) "
+                "or zero_stage=0."
+            )
+
+    @property
+    def _replicate_axis_ours(self) -> bool:
+        """With FSDP2 (zero 2/3): the replicate axis runs our compressed averaging or local SGD / DiLoCo rounds
+        instead of FSDP2's own HSDP all-reduce."""
+        return self.zero_stage >= 2 and (self._dp.sync is not None or self._dp.compression is not None)
+
+    @property
+    def zero_stage(self) -> int:
+        """0 (replicated dp axis), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)."""
+        return self._sharding.zero_stage
+
+    @property
+    def activation_checkpointing(self) -> str:
+        return self._sharding.activation_checkpointing
+
+    def _capture_meta_networks(self) -> None:
+        """Networks built on the meta device: remember full shapes and tied names before the split, and refuse
+        (before any process group) a meta tensor that has no weight source and no init rule."""
+        module = self.lightning_module
+        networks = self._parallelizer.networks(module)
+        self._meta_origins = {}
+        for path, net in networks.items():
+            if has_meta(net):
+                check_initializable(net, getattr(net, WEIGHTS_ATTR, None), path)
+                self._meta_origins[path] = MetaOrigins.capture(net)
+        from torchmetrics import Metric
+
+        covered = {id(t) for net in networks.values() for t in (*net.parameters(), *net.buffers())}
+        stray = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta and id(t) not in covered]
+        stray += [n for n, m in module.named_modules() if isinstance(m, Metric)
+                  and any(isinstance(getattr(m, k, None), Tensor) and getattr(m, k).is_meta for k in m._defaults)]
+        if stray:
+            raise ConfigurationError(
+                f"{type(module).__name__} holds meta-device tensors outside the networks this strategy materializes "
+                f"({sorted(networks)}): {stray[:3]}; create them in configure_model or outside empty_init."
+            )
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """``configure_model`` builds on the meta device too (only what it creates: networks made in
+        ``__init__`` keep their weights); each rank materializes its shards at setup.
+
+        Raises:
+            ConfigurationError: ``from_pretrained`` in ``configure_model`` (transformers refuses to load weights
+                onto the meta device); the message says what works instead.
+        """
+        try:
+            with torch.device("meta"):
+                yield
+        except RuntimeError as err:
+            if "from_pretrained" not in str(err):
+                raise
+            raise ConfigurationError(
+                f"{type(self).__name__} runs configure_model on the meta device (each rank then loads only its "
+                "shards), where transformers' from_pretrained cannot load weights. Build the model there with "
+                "lit_parallel.models.loading.load_causal_lm / load_sequence_classifier (or from_config plus "
+                "SafetensorsSource, docs/hybrid.md 'Meta-device init'), or call from_pretrained in __init__."
+            ) from err
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``trainer.init_module(empty_init=True)`` builds on the meta device: nothing is allocated until each
+        rank materializes its own shards after the split (:mod:`lit_parallel.parallel.materialize`)."""
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
+    def _setup_dp_axis(self, module: Any) -> None:
+        """What the dp axis does each step besides FSDP2.
+
+        FSDP2 reduce-scatters the gradients of what it manages (under a pipeline its roots are the stage
+        modules); the dp axis averages the rest. With FSDP2 and ``gradient_compression`` (no rounds) the replicate
+        axis exchange is compressed from FSDP2's all-reduce hook, per FSDP unit, during backward; with
+        ``data_parallel_sync`` the rounds run over ``dp_replicate`` on each rank's FSDP2 shards.
+        """
+        roots = [module, *(self._pipeline.stage_modules if self._pipeline is not None else [])]
+        sharded = fsdp_managed(roots)
+        rest = [(n, p) for n, p in module.named_parameters() if id(p) not in sharded and p.requires_grad]
+        if self._replicate_axis_ours and self._dp.sync is not None:
+            if rest:
+                raise ConfigurationError(
+                    f"data_parallel_sync={self._dp.sync!r} with zero_stage={self.zero_stage} needs every trainable "
+                    f"parameter inside an FSDP2 unit, but {[n for n, _ in rest][:3]} are outside the networks the "
+                    "strategy shards; move them into self.model or use zero_stage=0."
+                )
+            replicate = mesh_dim(self.device_mesh, "dp_replicate")
+            self._dp.setup([], self._local_parameters(), replicate.get_group(), overlap=False,
+                           new_group=lambda: new_dp_groups(self.device_mesh, self._process_group_backend,
+                                                           "dp_replicate"))
+            return
+        if self._replicate_axis_ours:
+            replicate_group = mesh_dim(self.device_mesh, "dp_replicate").get_group()
+            compress_replicate_axis(roots, self.compressor, replicate_group)
+        self._dp.setup(rest, self._local_parameters(), self.data_parallel_group,
+                       overlap=self.overlap_grad_sync and self.dims.pp == 1,
+                       new_group=lambda: new_dp_groups(self.device_mesh, self._process_group_backend))
+
+    def _materialize(self) -> None:
+        """Allocate and fill this rank's shards of meta-built networks (pretrained slices or seeded init)."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        for path, origins in self._meta_origins.items():
+            net = self.lightning_module.get_submodule(path)
+            self.materialized_bytes += materialize(net, origins, self.root_device, seed,
+                                                   getattr(net, WEIGHTS_ATTR, None))
+        self._meta_origins = {}
+
+    def _partition_optimizer_state(self) -> None:
+        """ZeRO stage 1: each dp_shard rank steps and keeps state for its share of the parameters."""
+        if self._zero1 is not None:
+            self._zero1.detach()
+            self._zero1 = None
+        if self.zero_stage != 1 or self.device_mesh["dp_shard"].size() == 1:
+            return
+        self._zero1 = OptimizerStatePartition([p for p in self.lightning_module.parameters() if p.requires_grad],
+                                              self.device_mesh.get_group("dp_shard"))
+        for optimizer in self.optimizers:
+            self._zero1.attach(getattr(optimizer, "_optimizer", optimizer))

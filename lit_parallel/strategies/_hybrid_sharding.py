@@ -68,16 +68,15 @@ class ShardedDataParallelMixin:
     def activation_checkpointing(self) -> str:
         return self._sharding.activation_checkpointing
 
-    def _capture_meta_networks(self) -> None:
-        """Networks built on the meta device: remember full shapes and tied names before the split, and refuse
-        (before any process group) a meta tensor that has no weight source and no init rule."""
+    def _meta_networks(self) -> dict[str, Any]:
+        """The networks built on the meta device, by path; refuses a meta tensor that has no weight source and no
+        init rule, or that lies outside the networks (called before any process group, and again at setup for
+        what ``configure_model`` built)."""
         module = self.lightning_module
         networks = self._parallelizer.networks(module)
-        self._meta_origins = {}
-        for path, net in networks.items():
-            if has_meta(net):
-                check_initializable(net, getattr(net, WEIGHTS_ATTR, None), path)
-                self._meta_origins[path] = MetaOrigins.capture(net)
+        meta = {path: net for path, net in networks.items() if has_meta(net)}
+        for path, net in meta.items():
+            check_initializable(net, getattr(net, WEIGHTS_ATTR, None), path)
         from torchmetrics import Metric
 
         covered = {id(t) for net in networks.values() for t in (*net.parameters(), *net.buffers())}
@@ -89,6 +88,7 @@ class ShardedDataParallelMixin:
                 f"{type(module).__name__} holds meta-device tensors outside the networks this strategy materializes "
                 f"({sorted(networks)}): {stray[:3]}; create them in configure_model or outside empty_init."
             )
+        return meta
 
     @contextmanager
     @override

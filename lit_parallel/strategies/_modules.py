@@ -192,8 +192,9 @@ class ModelParallelizer:
         from lit_parallel.parallel.tensor_parallel import apply_tensor_parallel
 
         runtime = None
-        blocks = {path: self.blocks(net) for path, net in self.networks(module).items()}
-        for path, net in self.networks(module).items():
+        networks = self.networks(module)
+        blocks = {path: self.blocks(net) for path, net in networks.items()}
+        for path, net in networks.items():
             user_parallelized = has_dtensors(net)  # a plan applied in configure_model
             if self.pipeline.size > 1:
                 net, runtime = self._split(net, mesh, device)

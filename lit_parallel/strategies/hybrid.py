@@ -383,7 +383,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
         if not self._is_parallelized():
             self._parallelizer.validate(self.lightning_module)  # every check that needs no collective
             self._parallelizer.check_sharding(self.lightning_module, self._sharding)
-            self._capture_meta_networks()  # networks built under init_module(empty_init=True): refused early
+            self._meta_networks()  # networks built under init_module(empty_init=True): refused early
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
         )
@@ -421,7 +421,8 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
             self.model = module
             self._finish_setup(trainer)
             return
-        self._capture_meta_networks()  # again: configure_model may have built networks (on the meta device)
+        # Full shapes and tied names before the split (configure_model may have built more networks on meta).
+        self._meta_origins = {path: MetaOrigins.capture(net) for path, net in self._meta_networks().items()}
         self._pipeline, self._blocks = self._parallelizer.parallelize(module, self.device_mesh, self.root_device)
         if self._layer_sync is not None:
             # Trainer(sync_batchnorm=True): statistics over the dp axis only (tp/pp peers see the same batch).

@@ -34,7 +34,8 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
     """:class:`~lightning.pytorch.strategies.DDPStrategy` with compressed gradient all-reduce.
 
     The compressor is registered as DDP's communication hook on every backend (Lightning's own DDP
-    registers hooks only on CUDA), advanced once per optimizer step (its warm-up counts these), and its
+    registers hooks only on CUDA); the hook only queues each bucket's exchange and returns a future, so
+    compression and communication overlap with the rest of backward. The compressor is advanced once per optimizer step (its warm-up counts these), and its
     state (error-feedback memory, warm starts, step count) of *every* rank is saved in the Lightning
     checkpoint, so a resumed run continues exactly. Without ``compression`` the strategy is plain DDP:
     gradients are averaged by an exact all-reduce that also counts its bytes for
@@ -155,6 +156,11 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
             )
         self.compressor.load_state_dict(states[self.global_rank])
         return checkpoint
+
+    @override
+    def teardown(self) -> None:
+        self.compressor.close()  # the thread the asynchronous comm hook exchanges on
+        super().teardown()
 
     @classmethod
     @override

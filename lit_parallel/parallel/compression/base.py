@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.compression.exchange import ExchangeQueue
 
 __all__ = ["CommStats", "Compressor", "DDPHookState", "NoCompression"]
 
@@ -119,6 +120,8 @@ class Compressor(ABC):
         self.step_count = 0
         self.stats = CommStats()
         self._memory: dict[str, Tensor] = {}
+        # The thread asynchronous exchanges run on (started by the first reduce_async_; not pickled).
+        self._exchanges: ExchangeQueue | None = None
 
     # -- the interface strategies call ---------------------------------------------------------------
     @torch.no_grad()
@@ -142,6 +145,43 @@ class Compressor(ABC):
             self._reduce_compressed(key, tensors, group)
         self.stats.time_s += time.perf_counter() - start
         self.stats.calls += 1
+
+    def reduce_async_(self, key: str, tensors: list[Tensor],
+                      group: ProcessGroup | None = None) -> torch.futures.Future[list[Tensor]]:
+        """:meth:`reduce_` without waiting: returns at once, the future completes with ``tensors`` averaged.
+
+        Exchanges run one at a time, in the order they were submitted, on a thread of this compressor's
+        own (:mod:`~lit_parallel.parallel.compression.exchange` explains why not ``Future.then``), so the
+        results, the error-feedback memory and the bytes are those of calling :meth:`reduce_` in the same
+        order. Do not touch ``tensors`` or issue other collectives on ``group`` until the future completes.
+        """
+        if self._exchanges is None:
+            self._exchanges = ExchangeQueue(f"{self.name}-exchange")
+
+        def exchange() -> list[Tensor]:
+            self.reduce_(key, tensors, group)
+            return tensors
+
+        return self._exchanges.submit(exchange, tensors[0].device if tensors else None)
+
+    def wait(self) -> None:
+        """Wait for the exchanges :meth:`reduce_async_` started (the memory is final afterwards)."""
+        if self._exchanges is not None:
+            self._exchanges.drain()
+
+    def close(self) -> None:
+        """Finish the asynchronous exchanges and stop their thread (the next one starts it again)."""
+        if self._exchanges is not None:
+            self._exchanges.close()
+            self._exchanges = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_exchanges"] = None  # a thread does not pickle; the copy starts its own when needed
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_exchanges": None, **state})  # pickles from before asynchronous exchanges
 
     def step(self) -> None:
         """Count one optimizer step (ends the warm-up after ``warmup_steps`` calls)."""
@@ -168,6 +208,7 @@ class Compressor(ABC):
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Type, configuration, step count and memory tensors (on CPU) of this rank."""
+        self.wait()
         return {
             "type": type(self).__name__,
             "config": self.config(),
@@ -181,6 +222,7 @@ class Compressor(ABC):
         Raises:
             ConfigurationError: the state comes from another compressor type or configuration.
         """
+        self.wait()
         saved = f"{state.get('type')}({', '.join(f'{k}={v!r}' for k, v in state.get('config', {}).items())})"
         if state.get("type") != type(self).__name__ or state.get("config") != self.config():
             raise ConfigurationError(
@@ -192,9 +234,14 @@ class Compressor(ABC):
 
     # -- DDP ----------------------------------------------------------------------------------------
     def ddp_comm_hook(
-        self, module: nn.Module | None = None, group: ProcessGroup | None = None
+        self, module: nn.Module | None = None, group: ProcessGroup | None = None, blocking: bool = False
     ) -> "tuple[DDPHookState, Callable[[DDPHookState, dist.GradBucket], torch.futures.Future[Tensor]]]":
         """``(state, hook)`` for :meth:`DistributedDataParallel.register_comm_hook`.
+
+        The hook returns as soon as it has queued the bucket's exchange (:meth:`reduce_async_`), so DDP
+        overlaps bucket *k*'s compression and collectives with the backward of the layers before it; the
+        future DDP waits on completes when the exchange has. ``blocking=True`` runs the exchange inside the
+        hook instead (the same numbers, bit for bit; kept for comparison and debugging).
 
         Args:
             module: the module DDP wraps. When given, a bucket's memory is keyed by its parameters'
@@ -202,6 +249,7 @@ class Compressor(ABC):
                 the memory survives DDP's bucket rebuild after the first step and a resume from a
                 checkpoint. Without it, memory is keyed by bucket index.
             group: DDP's process group (``None``: the default group).
+            blocking: exchange inside the hook, on the autograd thread, before returning.
 
         Example::
 
@@ -209,7 +257,7 @@ class Compressor(ABC):
             ddp.register_comm_hook(*PowerSGD(rank=4).ddp_comm_hook(model))
         """
         index = None if module is None else {id(p): i for i, p in enumerate(module.parameters())}
-        return DDPHookState(self, group, index), _ddp_hook
+        return DDPHookState(self, group, index, blocking), _ddp_hook
 
     # -- for subclasses -----------------------------------------------------------------------------
     @abstractmethod
@@ -290,20 +338,22 @@ class DDPHookState:
     Pickles without the process group (like torch's ``PowerSGDState``) so it can be checkpointed.
     """
 
-    __slots__ = ("compressor", "param_index", "process_group")
+    __slots__ = ("blocking", "compressor", "param_index", "process_group")
 
     def __init__(self, compressor: Compressor, process_group: ProcessGroup | None,
-                 param_index: dict[int, int] | None) -> None:
+                 param_index: dict[int, int] | None, blocking: bool = False) -> None:
         self.compressor = compressor
         self.process_group = process_group
         self.param_index = param_index
+        self.blocking = blocking
 
     def __getstate__(self) -> dict[str, Any]:
         # Parameter ids are meaningless in another process; the index is rebuilt with the hook.
-        return {"compressor": self.compressor}
+        return {"compressor": self.compressor, "blocking": self.blocking}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.compressor, self.process_group, self.param_index = state["compressor"], None, None
+        self.blocking = state.get("blocking", False)
 
 
 def _ddp_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -319,7 +369,11 @@ def _ddp_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Fut
         order = sorted(range(len(grads)), key=positions.__getitem__)
         digest = hashlib.sha1(",".join(str(positions[j]) for j in order).encode()).hexdigest()[:12]
         key, ordered = f"ddp:params:{digest}", [grads[j] for j in order]
+    buffer = bucket.buffer()
+    if not state.blocking:
+        exchange = state.compressor.reduce_async_(key, ordered, state.process_group)
+        return exchange.then(lambda done: (done.wait(), buffer)[1])  # wait() re-raises the exchange's error
     state.compressor.reduce_(key, ordered, state.process_group)
     future: torch.futures.Future[Tensor] = torch.futures.Future()
-    future.set_result(bucket.buffer())
+    future.set_result(buffer)
     return future

@@ -35,9 +35,9 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
 
     The compressor is registered as DDP's communication hook on every backend (Lightning's own DDP
     registers hooks only on CUDA); the hook only queues each bucket's exchange and returns a future, so
-    compression and communication overlap with the rest of backward. The compressor is advanced once per optimizer step (its warm-up counts these), and its
-    state (error-feedback memory, warm starts, step count) of *every* rank is saved in the Lightning
-    checkpoint, so a resumed run continues exactly. Without ``compression`` the strategy is plain DDP:
+    compression and communication overlap with the rest of backward. The compressor is advanced once
+    per optimizer step (its warm-up counts these), and its state (error-feedback memory, warm starts,
+    step count) of *every* rank is saved in the Lightning checkpoint, so a resumed run continues exactly. Without ``compression`` the strategy is plain DDP:
     gradients are averaged by an exact all-reduce that also counts its bytes for
     :class:`~lit_parallel.callbacks.CommunicationMonitor`.
 

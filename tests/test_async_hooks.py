@@ -169,6 +169,70 @@ def test_first_bucket_exchange_runs_while_backward_goes_on():
         assert result["blocking"]["waited"] is False
 
 
+# -- a training thread that uses DDP's group during backward (as SyncBatchNorm does) ------------------
+class _AllReduceInBackward(torch.autograd.Function):
+    """Identity whose backward averages the incoming gradient over the world, like SyncBatchNorm's."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad / dist.get_world_size()
+
+
+class _SyncNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(_AllReduceInBackward.apply(self.b(_AllReduceInBackward.apply(self.a(x)).relu())).relu())
+
+
+def _with_collectives_in_backward(blocking: bool) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = _SyncNet()
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.005)
+    compressor = PowerSGD(rank=2)
+    ddp.register_comm_hook(*compressor.ddp_comm_hook(model, blocking=blocking))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(4):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=gen)), torch.randint(0, 4, (8,), generator=gen)
+                                    ).backward()
+        optimizer.step()
+        compressor.step()
+    compressor.close()
+    return nn.utils.parameters_to_vector(model.parameters()).detach()
+
+
+def _both_with_collectives_in_backward() -> bool:
+    return torch.equal(_with_collectives_in_backward(True), _with_collectives_in_backward(False))
+
+
+def test_async_exchange_has_a_group_of_its_own_beside_collectives_in_backward():
+    assert run_distributed(_both_with_collectives_in_backward, world_size=2, timeout=120) == [True, True]
+
+
+def _subgroup_without_exchange_group() -> str:
+    group = dist.new_group([0, 1])
+    try:
+        PowerSGD().ddp_comm_hook(nn.Linear(2, 2), group=group)
+    except Exception as error:  # noqa: BLE001
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def test_async_hook_on_a_subgroup_asks_for_its_exchange_group():
+    message = run_distributed(_subgroup_without_exchange_group, world_size=4, timeout=120)[0]
+    assert message.startswith("ConfigurationError") and "exchange_group=dist.new_group([0, 1])" in message
+
+
 # -- errors, pickling ------------------------------------------------------------------------------
 class _Broken(PowerSGD):
     name = "powersgd"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -41,11 +42,12 @@ def _loader(per_rank_batch: int) -> DataLoader:
     return DataLoader(data, batch_size=per_rank_batch, shuffle=True)
 
 
-def _fit(compressor, tp: int, devices: int, epochs: int = 1, ckpt_in=None, ckpt_out=None):
+def _fit(compressor, tp: int, devices: int, epochs: int = 1, ckpt_in=None, ckpt_out=None, overlap: bool = True):
     L.seed_everything(3, verbose=False)
     module = ImageClassifier(net=mlp(in_features=FEATURES, hidden=64, depth=2), lr=1e-2)
     digest, monitor = _Digest(), CommunicationMonitor(log_metrics=False)
-    strategy = HybridParallelStrategy(tensor_parallel_size=tp, gradient_compression=compressor)
+    strategy = HybridParallelStrategy(tensor_parallel_size=tp, gradient_compression=compressor,
+                                      overlap_grad_sync=overlap)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[digest, monitor])
@@ -70,6 +72,25 @@ def test_dp_replicas_bit_identical_with_tp2():
         assert per_rank[0] != per_rank[1]  # different shards
         ratio = results[0][index][1]
         assert (ratio > 5) if compressor is not None else ratio == pytest.approx(1.0), (compressor, ratio)
+
+
+def _overlapped_and_serial(compressors):
+    # A fresh copy per run: a compressor carries its memory from one fit into the next.
+    return [(_fit(copy.deepcopy(c), tp=2, devices=4, epochs=2)[0],
+             _fit(copy.deepcopy(c), tp=2, devices=4, epochs=2, overlap=False)[0]) for c in compressors]
+
+
+@pytest.mark.slow
+def test_overlapped_compressed_dp_sync_equals_the_serial_one_bit_for_bit_with_tp2():
+    # Compressed buckets are queued on the exchange thread during backward (while tp's own collectives run);
+    # MKL in its reproducible mode, see tests/test_data_parallel.py.
+    compressors = [PowerSGD(rank=2), TopK(ratio=0.05)]
+    results = run_distributed(_overlapped_and_serial, world_size=4, args=(compressors,), init_process_group=False,
+                              timeout=400, env={"MKL_CBWR": "AUTO,STRICT"})
+    for rank in range(4):
+        for index, compressor in enumerate(compressors):
+            overlapped, serial = results[rank][index]
+            assert len(overlapped) == 2 * STEPS_PER_EPOCH and overlapped == serial, (rank, compressor)
 
 
 def _resume(tmp: str):

@@ -31,12 +31,17 @@ class GradientSynchronizer:
         group: the data-parallel process group (``None`` = default group).
         compressor: optional gradient compressor with ``reduce_(key, tensors, group)``.
         bucket_cap_mb: maximum bucket size; larger buckets mean fewer, bigger collectives.
-        overlap: launch each bucket's all-reduce from a gradient hook as soon as backward has produced
-            every gradient in it, so communication runs while backward continues (as DDP does). Buckets
-            are then filled in reverse parameter order (roughly the order backward produces gradients),
-            the first one capped at 1 MiB so that communication starts early. Needs an exact reduction
-            (no compressor, or one that is not compressing and offers ``all_reduce_async_``); with a
-            compressing compressor the synchronization stays after backward.
+        overlap: launch each bucket's exchange from a gradient hook as soon as backward has produced
+            every gradient in it, so communication runs while backward continues (as DDP does).
+            Exact: buckets are filled in reverse parameter order (roughly the order backward produces
+            gradients), the first one capped at 1 MiB so that communication starts early, and each
+            all-reduce is issued as its bucket fills. Compressed: the buckets (and so the compressor's
+            per-bucket memory) are those of the serial path, and their exchanges are queued on the
+            compressor's exchange thread (``reduce_async_``) from the last bucket to the first as
+            they fill, so the results are the serial path's, bit for bit.
+        exchange_group: a process group with ``group``'s ranks that only the compressor's exchange
+            thread uses (an overlapped compressed exchange must not share a group with collectives the
+            training thread issues during backward, e.g. sync-BN); ``None``: ``group``.
 
     Example::
 
@@ -53,21 +58,26 @@ class GradientSynchronizer:
         compressor: Any | None = None,
         bucket_cap_mb: float = 25.0,
         overlap: bool = False,
+        exchange_group: ProcessGroup | None = None,
     ) -> None:
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb} must be > 0.")
         self.group = group
+        self.exchange_group = exchange_group if exchange_group is not None else group
         self.compressor = compressor
         self.params = [(n, p) for n, p in named_parameters if p.requires_grad]
-        exact = compressor is None or (not getattr(compressor, "compressing", True)
-                                       and hasattr(compressor, "all_reduce_async_"))
-        self.overlap = bool(overlap and exact)
+        self._exact = compressor is None or (not getattr(compressor, "compressing", True)
+                                             and hasattr(compressor, "all_reduce_async_"))
+        self.overlap = bool(overlap) and (self._exact or hasattr(compressor, "reduce_async_"))
         cap = int(bucket_cap_mb * 2**20)
-        self.buckets = self._make_buckets(cap, first_cap=min(cap, 2**20)) if self.overlap else self._make_buckets(cap)
-        # Overlap bookkeeping: gradients ready per bucket in this backward, and the launched all-reduces.
+        reverse = self.overlap and self._exact
+        self.buckets = self._make_buckets(cap, first_cap=min(cap, 2**20)) if reverse else self._make_buckets(cap)
+        # Overlap bookkeeping: gradients ready per bucket in this backward, the next compressed bucket to
+        # queue (they are queued last to first, so every rank queues them in the same order), the exchanges.
         self.enabled = True
         self._ready = [0] * len(self.buckets)
-        self._pending: dict[int, tuple[Any, torch.Tensor, list[torch.Tensor]]] = {}
+        self._next = len(self.buckets) - 1
+        self._pending: dict[int, tuple[Any, torch.Tensor | None, list[torch.Tensor]]] = {}
         self._hooks: list[Any] = []
         if self.overlap and dist.is_initialized() and self.world_size > 1:
             for index, bucket in enumerate(self.buckets):
@@ -109,14 +119,24 @@ class GradientSynchronizer:
             if not self.enabled:
                 return
             self._ready[index] += 1
-            if self._ready[index] == len(self.buckets[index]):
+            if self._ready[index] != len(self.buckets[index]):
+                return
+            if self._exact:
                 self._launch(index)
+                return
+            while self._next >= 0 and self._ready[self._next] == len(self.buckets[self._next]):
+                self._launch(self._next)
+                self._next -= 1
 
         return on_grad_ready
 
     @torch.no_grad()
     def _launch(self, index: int) -> None:
         grads = self._local_grads(self.buckets[index])
+        if not self._exact:
+            exchange = self.compressor.reduce_async_(f"bucket{index}", grads, self.exchange_group)
+            self._pending[index] = (exchange, None, grads)
+            return
         flat = torch.cat([g.reshape(-1) for g in grads])
         if self.compressor is not None:
             work: Any = self.compressor.all_reduce_async_(flat, self.group)  # divides, counts bytes
@@ -127,24 +147,30 @@ class GradientSynchronizer:
 
     @torch.no_grad()
     def _finish_overlapped(self) -> None:
-        for index in range(len(self.buckets)):
+        for index in reversed(range(len(self.buckets))):
             if index not in self._pending:  # a parameter without gradient this step: send zeros now
                 self._launch(index)
         for index in range(len(self.buckets)):
             work, flat, grads = self._pending.pop(index)
             work.wait()
+            if flat is None:  # a compressed exchange averaged the gradients in place
+                continue
             offset = 0
             for grad in grads:
                 grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
                 offset += grad.numel()
+        self._reset()
+
+    def _reset(self) -> None:
         self._ready = [0] * len(self.buckets)
+        self._next = len(self.buckets) - 1
 
     def discard(self) -> None:
-        """Forget a backward's overlapped all-reduces (e.g. gradient accumulation steps)."""
+        """Wait for a backward's overlapped exchanges and forget their results."""
         for work, _, _ in self._pending.values():
             work.wait()
         self._pending.clear()
-        self._ready = [0] * len(self.buckets)
+        self._reset()
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:

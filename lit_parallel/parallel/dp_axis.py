@@ -81,12 +81,16 @@ class DataParallelAxis:
               group: Any, overlap: bool, new_group: Callable[[], Any] | None = None) -> None:
         """Build the per-step synchronizer, or the round state (``local_parameters``: this rank's shards).
 
-        ``new_group`` makes a process group of its own for an overlapped round (collective on every rank).
+        ``new_group`` makes a process group of its own for an overlapped round or an overlapped compressed
+        gradient exchange (collective on every rank).
         """
         self.close()
         if self.sync is None:
+            # An overlapped compressed exchange runs on a thread of its own, on a group of its own.
+            threaded = overlap and self.compressor.compressing and new_group is not None
             self.grads = GradientSynchronizer(named_parameters, group=group, compressor=self.compressor,
-                                              bucket_cap_mb=self.bucket_cap_mb, overlap=overlap)
+                                              bucket_cap_mb=self.bucket_cap_mb, overlap=overlap,
+                                              exchange_group=new_group() if threaded else None)
             return
         self.state = self.sync.build(local_parameters, self.compressor)
         # A group of its own per dp group, so an exchange in flight never queues behind (or blocks) others.
@@ -111,6 +115,7 @@ class DataParallelAxis:
         """Stop DiLoCo's background exchange (end of a fit); the gradient hooks stay for the next one."""
         if isinstance(self.state, DiLoCoState):
             self.state.close()
+        self.compressor.close()
         self.group = None
 
     def close(self) -> None:

@@ -87,6 +87,24 @@ def unpack(payload: Tensor, specs: Sequence[tuple[torch.dtype, int]]) -> list[Te
     return out
 
 
+def private_group(group: ProcessGroup | None, owner: str) -> ProcessGroup:
+    """A new process group with the ranks of ``group`` (``None``: the world), for a thread of its own.
+
+    ``dist.new_group`` is collective over the whole world, so only a world-sized ``group`` can be copied
+    here without knowing the other ranks' groups.
+
+    Raises:
+        ConfigurationError: ``group`` is a subgroup.
+    """
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    if len(ranks) != dist.get_world_size():
+        raise ConfigurationError(
+            f"{owner}: an asynchronous exchange on the subgroup {ranks} needs a process group of its own; pass "
+            f"exchange_group=dist.new_group({ranks}) (created on every rank, in the same order), or blocking=True."
+        )
+    return dist.new_group(ranks)
+
+
 def _nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -234,7 +252,8 @@ class Compressor(ABC):
 
     # -- DDP ----------------------------------------------------------------------------------------
     def ddp_comm_hook(
-        self, module: nn.Module | None = None, group: ProcessGroup | None = None, blocking: bool = False
+        self, module: nn.Module | None = None, group: ProcessGroup | None = None, blocking: bool = False,
+        exchange_group: ProcessGroup | None = None,
     ) -> "tuple[DDPHookState, Callable[[DDPHookState, dist.GradBucket], torch.futures.Future[Tensor]]]":
         """``(state, hook)`` for :meth:`DistributedDataParallel.register_comm_hook`.
 
@@ -250,6 +269,14 @@ class Compressor(ABC):
                 checkpoint. Without it, memory is keyed by bucket index.
             group: DDP's process group (``None``: the default group).
             blocking: exchange inside the hook, on the autograd thread, before returning.
+            exchange_group: the process group the asynchronous exchanges run on, with ``group``'s ranks.
+                They run on a thread of their own, so they need a group that the training thread does not
+                use meanwhile (SyncBatchNorm's backward all-reduces on DDP's group). ``None``: a new group
+                made here, which every rank calls at the same point; for a ``group`` that is not the whole
+                world, pass one made with ``dist.new_group`` on every rank.
+
+        Raises:
+            ConfigurationError: an asynchronous hook on a subgroup without ``exchange_group``.
 
         Example::
 
@@ -257,7 +284,9 @@ class Compressor(ABC):
             ddp.register_comm_hook(*PowerSGD(rank=4).ddp_comm_hook(model))
         """
         index = None if module is None else {id(p): i for i, p in enumerate(module.parameters())}
-        return DDPHookState(self, group, index, blocking), _ddp_hook
+        if not blocking and exchange_group is None and dist.is_initialized() and not isinstance(self, NoCompression):
+            exchange_group = private_group(group, "ddp_comm_hook")
+        return DDPHookState(self, group, index, blocking, exchange_group), _ddp_hook
 
     # -- for subclasses -----------------------------------------------------------------------------
     @abstractmethod
@@ -338,14 +367,16 @@ class DDPHookState:
     Pickles without the process group (like torch's ``PowerSGDState``) so it can be checkpointed.
     """
 
-    __slots__ = ("blocking", "compressor", "param_index", "process_group")
+    __slots__ = ("blocking", "compressor", "exchange_group", "param_index", "process_group")
 
     def __init__(self, compressor: Compressor, process_group: ProcessGroup | None,
-                 param_index: dict[int, int] | None, blocking: bool = False) -> None:
+                 param_index: dict[int, int] | None, blocking: bool = False,
+                 exchange_group: ProcessGroup | None = None) -> None:
         self.compressor = compressor
         self.process_group = process_group
         self.param_index = param_index
         self.blocking = blocking
+        self.exchange_group = exchange_group if exchange_group is not None else process_group
 
     def __getstate__(self) -> dict[str, Any]:
         # Parameter ids are meaningless in another process; the index is rebuilt with the hook.
@@ -353,7 +384,7 @@ class DDPHookState:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.compressor, self.process_group, self.param_index = state["compressor"], None, None
-        self.blocking = state.get("blocking", False)
+        self.blocking, self.exchange_group = state.get("blocking", False), None
 
 
 def _ddp_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -371,7 +402,7 @@ def _ddp_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Fut
         key, ordered = f"ddp:params:{digest}", [grads[j] for j in order]
     buffer = bucket.buffer()
     if not state.blocking:
-        exchange = state.compressor.reduce_async_(key, ordered, state.process_group)
+        exchange = state.compressor.reduce_async_(key, ordered, state.exchange_group)
         return exchange.then(lambda done: (done.wait(), buffer)[1])  # wait() re-raises the exchange's error
     state.compressor.reduce_(key, ordered, state.process_group)
     future: torch.futures.Future[Tensor] = torch.futures.Future()

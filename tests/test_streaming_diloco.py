@@ -14,19 +14,28 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_local_sgd import _loader
+from test_local_sgd import _model as _lightning_model
 from torch import nn
 
+from lit_parallel import DiLoCoStrategy, HybridParallelStrategy
+from lit_parallel.callbacks import CommunicationMonitor
 from lit_parallel.compression import Int8
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.data_parallel import local_tensor
 from lit_parallel.parallel.local_sgd import DiLoCo, DiLoCoState, partition_fragments
 from lit_parallel.testing import run_distributed
 
 WIDTH, LAYERS, BATCH, LR, OUTER_LR, MU = 8, 4, 4, 0.1, 0.7, 0.5
+LIGHTNING_STEPS = 6  # test_local_sgd's model and data: 4 samples per rank and step
 # 4 x Linear(8, 8): [w, b] * 4, 72 elements per layer, so F=4 cuts one layer per fragment and F=2 two.
 BOUNDS = {1: [(0, 8)], 2: [(0, 4), (4, 8)], 4: [(0, 2), (2, 4), (4, 6), (6, 8)]}
 
@@ -339,3 +348,123 @@ def test_checkpoint_with_other_streaming_options_is_refused_naming_both():
         del old["config"][key]
     del old["pending_fragment"]
     DiLoCoState(_params(), sync_every=8).load_state_dict(old)
+
+
+# -- Lightning: DiLoCoStrategy and the hybrid dp axis ------------------------------------------------------
+class _Recorder(Callback):
+    """This rank's local parameter tensors (shards under FSDP2), in parameter order, after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.params: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.params.append([local_tensor(p.detach()).clone() for p in pl_module.parameters() if p.requires_grad])
+
+
+def _fit_recorded(strategy: Any, devices: int, samples: int) -> dict[str, Any]:
+    recorder, monitor = _Recorder(), CommunicationMonitor(log_metrics=False)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=LIGHTNING_STEPS,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[recorder, monitor])
+    trainer.fit(_lightning_model(), train_dataloaders=_loader(samples))
+    state = strategy._dp.state if isinstance(strategy, HybridParallelStrategy) else strategy._state
+    coords = strategy.dims.coordinates(strategy.global_rank) if isinstance(strategy, HybridParallelStrategy) else {}
+    return {"params": recorder.params, "bounds": state.fragment_bounds, "bytes": monitor.totals.bytes_sent,
+            "peak": state.sync_stats.peak_bytes, "coords": coords}
+
+
+def _fit_with_checkpoints(make: Callable[[], Any], devices: int, ckpt_dir: Path, ckpt_path: str | None) -> Any:
+    strategy = make()
+    saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=3, logger=False,
+                        callbacks=[saver], enable_progress_bar=False, enable_model_summary=False)
+    # dp=2, 4 samples per dp rank and step, 2 steps per epoch: the epoch-1 checkpoint (step 4) is the launch step
+    # of fragment 1 (sync_every=4, fragments=2), whose exchange is then in flight (overlap_steps=1).
+    trainer.fit(_lightning_model(), train_dataloaders=_loader(16), ckpt_path=ckpt_path)
+    if isinstance(strategy, HybridParallelStrategy):
+        return strategy.export_state_dict()
+    return torch.cat([p.detach().reshape(-1) for p in trainer.lightning_module.parameters()])
+
+
+def _resumed(make: Callable[[], Any], devices: int, tmp: Path) -> bool:
+    uninterrupted = _fit_with_checkpoints(make, devices, tmp / "run", None)
+    saved = torch.load(tmp / "run" / "epoch=1-step=4.ckpt", weights_only=False) if devices == 2 else None
+    resumed = _fit_with_checkpoints(make, devices, tmp / "resumed", str(tmp / "run" / "epoch=1-step=4.ckpt"))
+    if devices == 2:  # standalone: also check the checkpoint held the exchange in flight
+        assert saved["local_sgd"]["algorithm"]["pending"] is not None
+        return torch.equal(uninterrupted, resumed)
+    if uninterrupted is None:  # export_state_dict: rank 0 only
+        return True
+    return all(torch.equal(resumed[name], value) for name, value in uninterrupted.items())
+
+
+STREAMING = {"sync_every": 4, "outer_momentum": 0.5, "fragments": 2, "overlap_steps": 1}
+
+
+def _lightning_checks(tmp: str, devices: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if devices == 2:
+        out["standalone"] = _fit_recorded(DiLoCoStrategy(**STREAMING), 2, 2 * LIGHTNING_STEPS * BATCH)
+        out["hybrid"] = _fit_recorded(HybridParallelStrategy(data_parallel_sync=DiLoCo(**STREAMING)), 2,
+                                      2 * LIGHTNING_STEPS * BATCH)
+        out["standalone_f1"] = _fit_recorded(DiLoCoStrategy(sync_every=2, outer_momentum=0.5), 2,
+                                             2 * LIGHTNING_STEPS * BATCH)
+        out["hybrid_f1"] = _fit_recorded(
+            HybridParallelStrategy(data_parallel_sync=DiLoCo(sync_every=2, outer_momentum=0.5, fragments=1)), 2,
+            2 * LIGHTNING_STEPS * BATCH)
+        out["resume"] = _resumed(lambda: DiLoCoStrategy(**STREAMING, outer_dtype="int8"), 2, Path(tmp) / "standalone")
+    else:
+        out["fsdp"] = _fit_recorded(HybridParallelStrategy(data_parallel_size=4, zero_stage=3, data_parallel_shard_size=2,
+                                                           data_parallel_sync=DiLoCo(**STREAMING)), 4,
+                                    4 * LIGHTNING_STEPS * BATCH)
+        out["resume"] = _resumed(lambda: HybridParallelStrategy(
+            tensor_parallel_size=2, data_parallel_sync=DiLoCo(**STREAMING, outer_dtype="int8")), 4, Path(tmp) / "tp2")
+    return out
+
+
+@pytest.fixture(scope="module", params=[pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)],
+                ids=["2ranks", "4ranks"])
+def lightning(request, tmp_path_factory) -> tuple[int, list[dict[str, Any]]]:
+    tmp = str(tmp_path_factory.mktemp(f"streaming_{request.param}"))
+    return request.param, run_distributed(_lightning_checks, world_size=request.param, args=(tmp, request.param),
+                                          init_process_group=False, timeout=480)
+
+
+def _staggered(run: dict[str, Any], peers: list[dict[str, Any]], sync_every: int, fragments: int, tau: int) -> None:
+    """Fragment f of every peer is equal exactly at the steps its exchange is applied."""
+    interval = sync_every // fragments
+    for step, tensors in enumerate(run["params"], start=1):
+        for index, (start, stop) in enumerate(run["bounds"]):
+            applied = step % sync_every == ((index + 1) * interval + tau) % sync_every and step >= interval + tau
+            equal = all(torch.equal(tensors[i], peer["params"][step - 1][i])
+                        for peer in peers for i in range(start, stop))
+            assert equal is applied, f"fragment {index} ({start}:{stop}) at step {step}: applied={applied}"
+
+
+def test_lightning_streaming_standalone_and_hybrid(lightning):
+    devices, ranks = lightning
+    if devices == 4:
+        # FSDP2 (dp = 2 replicas x 2 shards): the rounds run over dp_replicate on each rank's shards.
+        for shard in (0, 1):
+            peers = [r["fsdp"] for r in ranks if r["fsdp"]["coords"]["dp_shard"] == shard]
+            assert len(peers) == 2 and peers[0]["bounds"] == peers[1]["bounds"]
+            _staggered(peers[0], peers[1:], STREAMING["sync_every"], 2, 1)
+        assert all(r["resume"] for r in ranks)
+        return
+    for rank in ranks:
+        # The hybrid dp axis runs the same algorithm as DiLoCoStrategy (same model, data and fragments).
+        assert rank["hybrid"]["bounds"] == rank["standalone"]["bounds"]
+        for f1 in (False, True):
+            a, b = (rank["standalone_f1"], rank["hybrid_f1"]) if f1 else (rank["standalone"], rank["hybrid"])
+            for step, (x, y) in enumerate(zip(a["params"], b["params"], strict=True), start=1):
+                for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                    torch.testing.assert_close(v, u, rtol=0, atol=1e-6, msg=f"f1={f1} step {step} param {i}")
+        assert rank["resume"] is True
+        # 6 steps, H=4, F=2: exchanges launched at steps 2, 4 and 6, each of one fragment.
+        numel = sum(t.numel() for t in rank["standalone"]["params"][0])
+        sizes = [sum(rank["standalone"]["params"][0][i].numel() for i in range(a, b))
+                 for a, b in rank["standalone"]["bounds"]]
+        assert rank["standalone"]["bytes"] == 4 * (sizes[0] + sizes[1] + sizes[0])
+        assert rank["standalone"]["peak"] == 4 * max(sizes) < 4 * numel
+    _staggered(ranks[0]["standalone"], [r["standalone"] for r in ranks[1:]], STREAMING["sync_every"], 2, 1)
+    _staggered(ranks[0]["hybrid"], [r["hybrid"] for r in ranks[1:]], STREAMING["sync_every"], 2, 1)

@@ -329,6 +329,18 @@ def _params() -> list[torch.Tensor]:
         (lambda: DiLoCo(fragment_update_alpha=1.0), r"fragment_update_alpha"),
         (lambda: DiLoCo(overlap=True, fragments=2), r"overlap=True.*overlap_steps"),
         (lambda: DiLoCoState(_params(), sync_every=8, outer_dtype="int8", compressor=Int8()), r"both choose"),
+        # The Lightning glue refuses the same in __init__, before any process group.
+        (lambda: DiLoCoStrategy(sync_every=64, fragments=3), r"fragments=3, sync_every=64"),
+        (lambda: DiLoCoStrategy(sync_every=8, fragments=2, overlap_steps=4), r"overlap_steps=4.*\[0, 4\)"),
+        (lambda: DiLoCoStrategy(outer_dtype="float8"), r"outer_dtype='float8'.*valid"),
+        (lambda: DiLoCoStrategy(outer_dtype="int8", compression="int8"), r"both choose"),
+        (lambda: DiLoCoStrategy(overlap_steps=1, outer_dtype="int8", process_group_backend="mpi"),
+         r"overlap_steps=1.*cannot run asynchronously"),
+        (lambda: HybridParallelStrategy(data_parallel_sync=DiLoCo(outer_dtype="bf16"), gradient_compression="int8"),
+         r"both choose"),
+        (lambda: HybridParallelStrategy(data_parallel_sync=DiLoCo(sync_every=8, fragments=2, overlap_steps=1,
+                                                                   outer_dtype="int8"), process_group_backend="mpi"),
+         r"cannot run asynchronously on the 'mpi'"),
     ],
 )
 def test_bad_input(make: Callable[[], Any], match: str):

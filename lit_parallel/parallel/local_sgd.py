@@ -150,6 +150,10 @@ def outer_compressor(outer_dtype: str) -> Compressor:
 
     Raises:
         ConfigurationError: an unknown ``outer_dtype`` (the message lists the valid ones).
+
+    Example::
+
+        outer_compressor("int8")   # Int8(..., error_feedback=False, ...)
     """
     if outer_dtype not in OUTER_DTYPES:
         raise ConfigurationError(f"outer_dtype={outer_dtype!r} is unknown; valid: None, {sorted(OUTER_DTYPES)}.")
@@ -185,6 +189,14 @@ def check_streaming(owner: str, sync_every: int, overlap: bool, fragments: Any, 
     ``fragments`` must be an integer >= 1 dividing ``sync_every``; ``overlap_steps`` an integer in
     ``[0, sync_every / fragments)``; ``fragment_update_alpha`` in ``[0, 1)``; ``outer_dtype`` ``None`` or a key
     of :data:`OUTER_DTYPES`; ``overlap=True`` (one-round-late DiLoCo) only with ``fragments=1, overlap_steps=0``.
+
+    Raises:
+        ConfigurationError: the first invalid option; the message names it (with ``sync_every`` where the
+            rule involves it) and says what is valid.
+
+    Example::
+
+        check_streaming("DiLoCo", 64, False, 4, 2, 0.0, "int8")   # valid: returns None
     """
     if isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 1:
         raise ConfigurationError(f"{owner}(fragments={fragments!r}): fragments must be an integer >= 1 (1 = DiLoCo).")
@@ -269,6 +281,13 @@ class SyncStats:
         total_bytes: bytes this rank handed to collectives over all of them.
         peak_bytes: the most bytes one exchange sent (what the link must carry at once).
         last_bytes: bytes of the latest exchange.
+
+    Example::
+
+        state = DiLoCoState(params, sync_every=64, fragments=4)
+        ...                                   # train; state.step(params, group) after every optimizer step
+        state.close()                         # the exchange in flight is collected (and counted) too
+        print(state.sync_stats.peak_bytes, state.sync_stats.total_bytes)
     """
 
     syncs: int = 0

@@ -2,7 +2,8 @@
 
 Pure torch. Either gradients are averaged every step (:class:`GradientSynchronizer`: exact or compressed,
 overlapped with backward when exact), or, with ``sync=LocalSGD(...)`` / ``DiLoCo(...)``, each replica steps on its
-own and every ``sync_every`` steps the replicas run a round over the dp group, shard by shard::
+own and every ``sync_every`` steps the replicas run a round over the dp group, shard by shard (Streaming DiLoCo,
+``DiLoCo(fragments=F)``: one fragment of each rank's shards every ``sync_every / F`` steps)::
 
     axis = DataParallelAxis(sync=None, compression=None)            # exact averaging
     axis.setup(model.named_parameters(), group=dp_group, overlap=True)
@@ -25,6 +26,7 @@ from lit_parallel.parallel.local_sgd import (
     LocalSGD,
     LocalSGDState,
     check_threaded_backend,
+    outer_compressor,
     resolve_dp_sync,
 )
 
@@ -41,7 +43,8 @@ class DataParallelAxis:
         bucket_cap_mb: gradient bucket size of the exact / compressed averaging.
 
     Raises:
-        ConfigurationError: an unknown ``sync`` or compressor, or ``bucket_cap_mb <= 0``.
+        ConfigurationError: an unknown ``sync`` or compressor, ``bucket_cap_mb <= 0``, or ``compression`` with a
+            :class:`DiLoCo` whose ``outer_dtype`` already chooses the exchange.
     """
 
     def __init__(self, sync: LocalSGD | DiLoCo | str | None = None, compression: Any | None = None,
@@ -54,6 +57,16 @@ class DataParallelAxis:
         self.compression = get_compressor(compression) if isinstance(compression, str) else compression
         # Without compression the exchange uses the exact "none" compressor, which counts bytes.
         self.compressor = self.compression if self.compression is not None else get_compressor("none")
+        outer_dtype = getattr(self.sync, "outer_dtype", None)
+        if outer_dtype is not None:
+            if self.compression is not None:
+                raise ConfigurationError(
+                    f"data_parallel_sync={self.sync!r} with gradient_compression={self.compression!r}: both choose "
+                    "how the pseudo-gradient is exchanged; valid: outer_dtype alone, or outer_dtype=None with "
+                    "gradient_compression."
+                )
+            # The quantizer of the outer exchange is the dp axis's compressor: CommunicationMonitor counts it.
+            self.compressor = outer_compressor(outer_dtype)
         self.bucket_cap_mb = bucket_cap_mb
         self.grads: GradientSynchronizer | None = None
         self.state: LocalSGDState | None = None
@@ -71,10 +84,10 @@ class DataParallelAxis:
 
     def check_backend(self, backend: str) -> None:
         """Refuse an overlapped, compressed round on a backend whose collectives cannot run from a thread."""
-        if self.sync is not None and self.sync.overlap and self.compression is not None:
+        if self.sync is not None and self.sync.asynchronous and self.compressor.compressing:
             check_threaded_backend(
-                backend, f"data_parallel_sync={self.sync!r} with gradient_compression={self.compression!r}",
-                "no gradient_compression",
+                backend, f"data_parallel_sync={self.sync!r} with the exchange compressed by {self.compressor!r}",
+                "no gradient_compression and outer_dtype=None",
             )
 
     def setup(self, named_parameters: Iterable[tuple[str, nn.Parameter]], local_parameters: list[torch.Tensor],
@@ -94,7 +107,7 @@ class DataParallelAxis:
             return
         self.state = self.sync.build(local_parameters, self.compressor)
         # A group of its own per dp group, so an exchange in flight never queues behind (or blocks) others.
-        self.group = new_group() if self.sync.overlap and new_group is not None else group
+        self.group = new_group() if self.sync.asynchronous and new_group is not None else group
 
     def set_accumulating(self, accumulating: bool) -> None:
         """Gradient accumulation: no overlapped all-reduce until the step's last backward."""

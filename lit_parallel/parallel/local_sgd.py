@@ -4,7 +4,10 @@
 :class:`DiLoCoState` treats the progress of a round as a pseudo-gradient (``global - local``), averages
 it across the group (optionally compressed) and applies it to replicated global parameters with an
 outer Nesterov SGD (Douillard et al. 2023, "DiLoCo"). With ``overlap=True`` the exchange runs in the
-background while the next round trains, and its result is applied one round late.
+background while the next round trains, and its result is applied one round late. With ``fragments=F``
+it is Streaming DiLoCo (Douillard et al. 2025): F parameter fragments synchronize in turn, one every
+``sync_every / F`` steps, each exchange overlapped with ``overlap_steps`` inner steps and optionally
+quantized (``outer_dtype``).
 
 Lightning glue lives in :mod:`lit_parallel.strategies.local_sgd` and :mod:`lit_parallel.strategies.diloco`.
 
@@ -16,11 +19,14 @@ Example::
         optimizer.step()
         optimizer.zero_grad()
         state.step(list(model.parameters()))    # synchronizes every 64th call
+
+    # Streaming: a quarter of the parameters every 16 steps, applied 2 steps after launch, int8 on the wire.
+    state = DiLoCoState(list(model.parameters()), sync_every=64, fragments=4, overlap_steps=2, outer_dtype="int8")
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,9 +37,12 @@ from torch.distributed import ProcessGroup
 
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.compression.base import Compressor, NoCompression, copy_back, flatten
+from lit_parallel.parallel.compression.cast import BF16, FP16
+from lit_parallel.parallel.compression.int8 import Int8
 
-__all__ = ["THREADED_BACKENDS", "DiLoCo", "DiLoCoState", "LocalSGD", "LocalSGDState", "check_threaded_backend",
-           "check_sync_every", "resolve_dp_sync"]
+__all__ = ["OUTER_DTYPES", "THREADED_BACKENDS", "DiLoCo", "DiLoCoState", "LocalSGD", "LocalSGDState", "SyncStats",
+           "check_streaming", "check_sync_every", "check_threaded_backend", "outer_compressor", "partition_fragments",
+           "resolve_dp_sync"]
 
 # Backends whose collectives may run from DiLoCoState's background thread (a compressed, overlapped exchange).
 THREADED_BACKENDS = ("gloo", "nccl")
@@ -118,6 +127,219 @@ class LocalSGDState:
         self.steps = int(state["steps"])
 
 
+# Streaming options and their values in DiLoCo (also what a checkpoint without them was written with).
+STREAMING_DEFAULTS: dict[str, Any] = {"fragments": 1, "overlap_steps": 0, "fragment_update_alpha": 0.0,
+                                      "outer_dtype": None}
+
+# outer_dtype -> the compressor that averages the pseudo-gradient in that dtype. Stateless (Int8 without error
+# feedback, as in the paper), so the outer exchange needs no per-rank checkpoint state.
+OUTER_DTYPES: dict[str, Callable[[], Compressor]] = {
+    "bf16": BF16,
+    "fp16": FP16,
+    "int8": lambda: Int8(error_feedback=False),
+}
+
+
+def outer_compressor(outer_dtype: str) -> Compressor:
+    """The compressor that averages DiLoCo's pseudo-gradient in ``outer_dtype`` (a key of :data:`OUTER_DTYPES`).
+
+    ``"bf16"`` / ``"fp16"``: an all-reduce in that dtype (:class:`~lit_parallel.compression.BF16` /
+    ``FP16``, 2x fewer bytes); ``"int8"``: :class:`~lit_parallel.compression.Int8` with one scale per 1024
+    elements, all-gathered and summed in rank order (about 4x fewer bytes), without error feedback. Every
+    rank computes the same average, so replicas stay bitwise identical.
+
+    Raises:
+        ConfigurationError: an unknown ``outer_dtype`` (the message lists the valid ones).
+
+    Example::
+
+        outer_compressor("int8")   # Int8(..., error_feedback=False, ...)
+    """
+    if outer_dtype not in OUTER_DTYPES:
+        raise ConfigurationError(f"outer_dtype={outer_dtype!r} is unknown; valid: None, {sorted(OUTER_DTYPES)}.")
+    return OUTER_DTYPES[outer_dtype]()
+
+
+def resolve_outer_compressor(owner: str, outer_dtype: str | None, compressor: Compressor | None) -> Compressor | None:
+    """The compressor of DiLoCo's exchange: ``compressor``, or the one of ``outer_dtype``.
+
+    A strategy builds the ``outer_dtype`` compressor itself (to expose it to ``CommunicationMonitor``) and
+    passes it in; an exact :class:`~lit_parallel.compression.NoCompression` is replaced.
+
+    Raises:
+        ConfigurationError: ``outer_dtype`` together with a different compressor.
+    """
+    if outer_dtype is None:
+        return compressor
+    wanted = outer_compressor(outer_dtype)
+    if compressor is None or isinstance(compressor, NoCompression):
+        return wanted
+    if type(compressor) is not type(wanted) or compressor.config() != wanted.config():
+        raise ConfigurationError(
+            f"{owner}(outer_dtype={outer_dtype!r}) with compression={compressor!r}: both choose how the "
+            f"pseudo-gradient is exchanged; valid: outer_dtype alone, or outer_dtype=None with any compressor."
+        )
+    return compressor
+
+
+def check_streaming(owner: str, sync_every: int, overlap: bool, fragments: Any, overlap_steps: Any,
+                    fragment_update_alpha: Any, outer_dtype: Any) -> None:
+    """Raise :class:`ConfigurationError` unless the Streaming DiLoCo options are valid together.
+
+    ``fragments`` must be an integer >= 1 dividing ``sync_every``; ``overlap_steps`` an integer in
+    ``[0, sync_every / fragments)``; ``fragment_update_alpha`` in ``[0, 1)``; ``outer_dtype`` ``None`` or a key
+    of :data:`OUTER_DTYPES`; ``overlap=True`` (one-round-late DiLoCo) only with ``fragments=1, overlap_steps=0``.
+
+    Raises:
+        ConfigurationError: the first invalid option; the message names it (with ``sync_every`` where the
+            rule involves it) and says what is valid.
+
+    Example::
+
+        check_streaming("DiLoCo", 64, False, 4, 2, 0.0, "int8")   # valid: returns None
+    """
+    if isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 1:
+        raise ConfigurationError(f"{owner}(fragments={fragments!r}): fragments must be an integer >= 1 (1 = DiLoCo).")
+    if sync_every % fragments:
+        divisors = [d for d in range(1, sync_every + 1) if sync_every % d == 0]
+        raise ConfigurationError(
+            f"{owner}(fragments={fragments}, sync_every={sync_every}): fragments must divide sync_every (one "
+            f"fragment synchronizes every sync_every / fragments steps); valid fragments for sync_every="
+            f"{sync_every}: {divisors}."
+        )
+    interval = sync_every // fragments
+    if isinstance(overlap_steps, bool) or not isinstance(overlap_steps, int) or not 0 <= overlap_steps < interval:
+        raise ConfigurationError(
+            f"{owner}(overlap_steps={overlap_steps!r}, sync_every={sync_every}, fragments={fragments}): "
+            f"overlap_steps must be an integer in [0, sync_every / fragments) = [0, {interval}) (an exchange is "
+            "applied before the next fragment's starts)."
+        )
+    if (isinstance(fragment_update_alpha, bool) or not isinstance(fragment_update_alpha, int | float)
+            or not 0 <= fragment_update_alpha < 1):
+        raise ConfigurationError(
+            f"{owner}(fragment_update_alpha={fragment_update_alpha!r}): fragment_update_alpha must be in [0, 1) "
+            "(0: a fragment takes the new global parameters)."
+        )
+    if outer_dtype is not None and outer_dtype not in OUTER_DTYPES:
+        raise ConfigurationError(f"{owner}(outer_dtype={outer_dtype!r}) is unknown; valid: None, {sorted(OUTER_DTYPES)}.")
+    if overlap and (fragments > 1 or overlap_steps):
+        raise ConfigurationError(
+            f"{owner}(overlap=True, fragments={fragments}, overlap_steps={overlap_steps}): overlap=True is "
+            "one-round-late DiLoCo; Streaming DiLoCo overlaps with overlap_steps instead. Valid: overlap=True with "
+            "fragments=1 and overlap_steps=0, or overlap=False."
+        )
+
+
+def partition_fragments(numels: Sequence[int], fragments: int) -> list[tuple[int, int]]:
+    """Cut a parameter list into ``fragments`` contiguous, non-empty runs balanced by element count.
+
+    Fragment ``i`` ends at the parameter boundary whose element prefix is closest to ``(i + 1) / fragments``
+    of the total. A function of the shapes only, so every replica (same shapes) cuts the same way.
+
+    Args:
+        numels: the element count of each parameter, in order.
+        fragments: the number of runs.
+
+    Returns:
+        ``(start, stop)`` parameter indices of each run.
+
+    Raises:
+        ConfigurationError: fewer parameters than ``fragments``.
+
+    Example::
+
+        partition_fragments([100, 10, 100, 10], 2)   # [(0, 2), (2, 4)]
+    """
+    if len(numels) < fragments:
+        raise ConfigurationError(
+            f"fragments={fragments} needs at least {fragments} parameter tensors, but this rank has {len(numels)}; "
+            f"valid: fragments <= {max(1, len(numels))}."
+        )
+    prefix = [0]
+    for n in numels:
+        prefix.append(prefix[-1] + n)
+    total, bounds, start = prefix[-1], [], 0
+    for i in range(1, fragments):
+        target = total * i / fragments
+        # Leave at least one parameter for each later fragment.
+        stop = min(range(start + 1, len(numels) - (fragments - i) + 1), key=lambda j: abs(prefix[j] - target))
+        bounds.append((start, stop))
+        start = stop
+    bounds.append((start, len(numels)))
+    return bounds
+
+
+@dataclass
+class SyncStats:
+    """Bytes of DiLoCo's pseudo-gradient exchanges on one rank (not checkpointed).
+
+    One *sync* is one exchange: all parameters in DiLoCo, one fragment in Streaming DiLoCo. The bytes are
+    the compressor's ``CommStats.bytes_sent`` of that exchange, recorded when its result is collected.
+
+    Attributes:
+        syncs: exchanges collected.
+        total_bytes: bytes this rank handed to collectives over all of them.
+        peak_bytes: the most bytes one exchange sent (what the link must carry at once).
+        last_bytes: bytes of the latest exchange.
+
+    Example::
+
+        state = DiLoCoState(params, sync_every=64, fragments=4)
+        ...                                   # train; state.step(params, group) after every optimizer step
+        state.close()                         # the exchange in flight is collected (and counted) too
+        print(state.sync_stats.peak_bytes, state.sync_stats.total_bytes)
+    """
+
+    syncs: int = 0
+    total_bytes: int = 0
+    peak_bytes: int = 0
+    last_bytes: int = 0
+
+    def record(self, nbytes: int) -> None:
+        """Count one exchange of ``nbytes`` bytes."""
+        self.syncs += 1
+        self.total_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, nbytes)
+        self.last_bytes = nbytes
+
+
+class _Exchange:
+    """One pseudo-gradient exchange of a fragment: done, in flight (async all-reduce or thread), or restored."""
+
+    __slots__ = ("_flat_into", "_future", "fragment", "nbytes", "result")
+
+    def __init__(self, fragment: int, result: list[Tensor] | None = None, nbytes: int | None = None,
+                 future: Future[tuple[list[Tensor], int]] | torch.futures.Future[Tensor] | None = None,
+                 flat_into: list[Tensor] | None = None) -> None:
+        self.fragment, self.result, self.nbytes = fragment, result, nbytes
+        self._future, self._flat_into = future, flat_into
+
+    def resolve(self, stats: SyncStats) -> list[Tensor]:
+        """Wait for the averaged pseudo-gradients; the first call records the exchange's bytes in ``stats``."""
+        if self._future is not None:
+            future, self._future = self._future, None
+            if isinstance(future, Future):  # a compressor's exchange in the background thread
+                self.result, self.nbytes = future.result()
+            else:  # an asynchronous all-reduce of one flat buffer
+                assert self._flat_into is not None
+                copy_back(future.wait(), self._flat_into)
+                self.result, self._flat_into = self._flat_into, None
+        if self.nbytes is not None:  # None: recorded already, or restored from a checkpoint
+            stats.record(self.nbytes)
+            self.nbytes = None
+        assert self.result is not None
+        return self.result
+
+
+def _bytes_of(compressor: Compressor, run: Callable[[], Any]) -> int:
+    """Bytes ``compressor`` sends while ``run()`` runs (a concurrent ``pop_stats`` moves them to a new object)."""
+    stats = compressor.stats
+    before = stats.bytes_sent
+    run()
+    now = compressor.stats
+    return now.bytes_sent - before if now is stats else stats.bytes_sent - before + now.bytes_sent
+
+
 class DiLoCoState(LocalSGDState):
     """DiLoCo's outer optimizer: replicated global parameters, outer momentum, delayed exchange.
 
@@ -134,31 +356,69 @@ class DiLoCoState(LocalSGDState):
     the *next* round (one-step-delayed DiLoCo): no rank waits on the network unless one round of inner
     steps is shorter than the exchange.
 
+    **Streaming DiLoCo** (Douillard et al. 2025): with ``fragments=F`` the parameter list is cut into ``F``
+    contiguous fragments balanced by element count (:func:`partition_fragments`). Each fragment still
+    synchronizes once per round, but staggered: fragment ``f`` at steps ``k * sync_every + (f + 1) *
+    sync_every / F``, so one fragment's pseudo-gradient crosses the network every ``sync_every / F`` steps
+    and the peak bytes of one exchange fall ``F``-fold. With ``overlap_steps=τ`` the exchange is launched
+    at the fragment's sync step and its result applied ``τ`` inner steps later, while those steps run: the
+    outer step updates the fragment's global parameters and the fragment's local parameters become
+    ``alpha * local + (1 - alpha) * global`` (``alpha = fragment_update_alpha``; 0: the global ones).
+    ``outer_dtype`` quantizes the exchanged pseudo-gradient. ``fragments=1, overlap_steps=0`` is DiLoCo.
+
     Args:
         params: the model parameters; the global parameters start as a copy.
         sync_every: inner optimizer steps per round (``H``).
         outer_lr: outer learning rate (DiLoCo: 0.7).
         outer_momentum: outer momentum (DiLoCo: 0.9).
         nesterov: Nesterov momentum for the outer step.
-        overlap: exchange the pseudo-gradient in the background and apply it one round late.
-        compressor: averages the pseudo-gradient; its warm-up counts rounds. ``None``: exact all-reduce.
+        overlap: exchange the pseudo-gradient in the background and apply it one round late (not with
+            ``fragments > 1`` or ``overlap_steps > 0``, Streaming DiLoCo's own overlap).
+        compressor: averages the pseudo-gradient; its warm-up counts exchanges. ``None``: exact all-reduce.
+        fragments: parameter fragments synchronized in turn (``F``, a divisor of ``sync_every``).
+        overlap_steps: inner steps between launching a fragment's exchange and applying it (``τ``,
+            ``0 <= τ < sync_every / fragments``).
+        fragment_update_alpha: weight of the local parameters when a fragment is set to the new global
+            ones, in ``[0, 1)``.
+        outer_dtype: ``None`` (the compressor's exchange), or ``"bf16"`` / ``"fp16"`` / ``"int8"``: the
+            pseudo-gradient is averaged in that dtype (:func:`outer_compressor`; no error feedback).
 
     Raises:
-        ConfigurationError: ``sync_every < 1``, ``outer_lr <= 0``, ``outer_momentum`` outside ``[0, 1)``.
+        ConfigurationError: ``sync_every < 1``, ``outer_lr <= 0``, ``outer_momentum`` outside ``[0, 1)``,
+            an invalid streaming option (:func:`check_streaming`), ``outer_dtype`` together with another
+            compressor, or fewer parameters than ``fragments``.
+
+    Example::
+
+        state = DiLoCoState(list(model.parameters()), sync_every=64, fragments=4, overlap_steps=2,
+                            outer_dtype="int8")
+        for batch in loader:
+            loss_fn(model(batch)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            state.step(list(model.parameters()), group)   # one fragment every 16 steps
+        state.sync_stats.peak_bytes, state.sync_stats.total_bytes
     """
 
     __slots__ = (
         # Hyper-parameters.
+        "fragment_update_alpha",
+        "fragments",
         "nesterov",
+        "outer_dtype",
         "outer_lr",
         "outer_momentum",
         "overlap",
-        # Internal state: replicated global parameters, outer momentum, rounds, the exchange in flight.
+        "overlap_steps",
+        # Internal state: replicated global parameters, outer momentum, rounds, the exchange in flight,
+        # the fragments' parameter ranges, byte counts.
+        "_bounds",
         "_executor",
         "_pending",
         "global_params",
         "momentum",
         "rounds",
+        "sync_stats",
     )
 
     def __init__(
@@ -170,41 +430,89 @@ class DiLoCoState(LocalSGDState):
         nesterov: bool = True,
         overlap: bool = False,
         compressor: Compressor | None = None,
+        fragments: int = 1,
+        overlap_steps: int = 0,
+        fragment_update_alpha: float = 0.0,
+        outer_dtype: str | None = None,
     ) -> None:
-        super().__init__(sync_every, compressor)
-        check_outer(type(self).__name__, outer_lr, outer_momentum)
+        owner = type(self).__name__
+        check_sync_every(owner, sync_every)
+        check_outer(owner, outer_lr, outer_momentum)
+        check_streaming(owner, sync_every, overlap, fragments, overlap_steps, fragment_update_alpha, outer_dtype)
+        super().__init__(sync_every, resolve_outer_compressor(owner, outer_dtype, compressor))
         self.outer_lr, self.outer_momentum, self.nesterov, self.overlap = outer_lr, outer_momentum, nesterov, overlap
+        self.fragments, self.overlap_steps = fragments, overlap_steps
+        self.fragment_update_alpha, self.outer_dtype = float(fragment_update_alpha), outer_dtype
+        self._bounds = partition_fragments([p.numel() for p in params], fragments)
         self.global_params = [p.detach().clone() for p in params]
         self.momentum = [torch.zeros_like(p) for p in self.global_params]
         self.rounds = 0
-        self._pending: Future[list[Tensor]] | torch.futures.Future[Tensor] | list[Tensor] | None = None
+        self.sync_stats = SyncStats()
+        self._pending: _Exchange | None = None
         self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def fragment_bounds(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` indices into the parameter list of each fragment."""
+        return list(self._bounds)
 
     def reset_global(self, params: Sequence[Tensor]) -> None:
         """Make ``params`` (identical on every rank, e.g. after a broadcast) the global parameters."""
         for g, p in zip(self.global_params, params, strict=True):
             g.copy_(p.detach())
 
+    def step(self, params: Sequence[Tensor], group: ProcessGroup | None = None) -> bool:
+        """Count one inner step; launch or apply an exchange when one is due.
+
+        Returns:
+            Whether every parameter is now identical across the replicas (a whole-model synchronization
+            just completed; never with ``fragments > 1`` or ``fragment_update_alpha > 0``).
+        """
+        if self.overlap:  # one-round-late DiLoCo: one exchange of everything per round
+            return super().step(params, group)
+        self.steps += 1
+        interval = self.sync_every // self.fragments
+        complete = False
+        if self._pending is not None and self.steps % interval == self.overlap_steps:
+            complete = self._finish(params)
+        if self.steps % interval == 0:
+            self._start((self.steps // interval - 1) % self.fragments, params, group)
+            if self.overlap_steps == 0:
+                complete = self._finish(params)
+        return complete
+
     @torch.no_grad()
     def sync(self, params: Sequence[Tensor], group: ProcessGroup | None = None) -> None:
-        """End a round: exchange the pseudo-gradient, step the outer optimizer, reset ``params`` to global."""
+        """End a round of one-round-late DiLoCo (``overlap=True``) or of DiLoCo (``fragments=1``, no
+        ``overlap_steps``): exchange the pseudo-gradient, step the outer optimizer, reset ``params``.
+
+        Raises:
+            ConfigurationError: a streaming state (``fragments > 1`` or ``overlap_steps > 0``): its
+                fragments synchronize in :meth:`step`.
+        """
+        if not self.overlap:
+            if self.fragments > 1 or self.overlap_steps:
+                raise ConfigurationError(
+                    f"DiLoCoState.sync() synchronizes every parameter at once, which a streaming state "
+                    f"(fragments={self.fragments}, overlap_steps={self.overlap_steps}) never does; call step()."
+                )
+            self._start(0, params, group)
+            self._finish(params)
+            return
         deltas = [g - p.detach() for g, p in zip(self.global_params, params, strict=True)]
-        if self.overlap:
-            if self._pending is not None:
-                self._outer_step(self._wait())
-            self._pending = self._launch(deltas, group)
-        else:
-            self.compressor.reduce_(PSEUDO_GRAD_KEY, deltas, group)
-            self._outer_step(deltas)
+        if self._pending is not None:
+            self._outer_step(self._pending.resolve(self.sync_stats))
+            self._pending = None
+        self._pending = self._launch(0, deltas, group, PSEUDO_GRAD_KEY)
         self.compressor.step()
         self.rounds += 1
         for p, g in zip(params, self.global_params, strict=True):
             p.data.copy_(g)
 
     def wait(self) -> None:
-        """Finish the exchange in flight (if any), keeping its result for the next round."""
+        """Finish the exchange in flight (if any), keeping its result until it is applied."""
         if self._pending is not None:
-            self._pending = self._wait()
+            self._pending.resolve(self.sync_stats)
 
     def close(self) -> None:
         """Finish the exchange in flight and stop the background thread."""
@@ -213,39 +521,58 @@ class DiLoCoState(LocalSGDState):
             self._executor.shutdown()
             self._executor = None
 
-    def _launch(
-        self, deltas: list[Tensor], group: ProcessGroup | None
-    ) -> Future[list[Tensor]] | torch.futures.Future[Tensor]:
+    @torch.no_grad()
+    def _start(self, fragment: int, params: Sequence[Tensor], group: ProcessGroup | None) -> None:
+        """Compute a fragment's pseudo-gradient and exchange it: at once (``overlap_steps=0``) or launched."""
+        start, stop = self._bounds[fragment]
+        assert len(params) == len(self.global_params), (len(params), len(self.global_params))
+        deltas = [g - p.detach() for g, p in zip(self.global_params[start:stop], params[start:stop], strict=True)]
+        # One key per fragment: a compressor's memory (error feedback, warm starts) is per exchanged bucket.
+        key = PSEUDO_GRAD_KEY if self.fragments == 1 else f"{PSEUDO_GRAD_KEY}:{fragment}"
+        if self.overlap_steps == 0:
+            nbytes = _bytes_of(self.compressor, lambda: self.compressor.reduce_(key, deltas, group))
+            self._pending = _Exchange(fragment, result=deltas, nbytes=nbytes)
+        else:
+            self._pending = self._launch(fragment, deltas, group, key)
+
+    @torch.no_grad()
+    def _finish(self, params: Sequence[Tensor]) -> bool:
+        """Apply the exchange: outer step on its fragment, then the fragment's local parameters."""
+        exchange, self._pending = self._pending, None
+        assert exchange is not None
+        start, stop = self._bounds[exchange.fragment]
+        self._outer_step(exchange.resolve(self.sync_stats), start, stop)
+        # After the exchange, so that a background exchange never races with the warm-up's step count.
+        self.compressor.step()
+        if exchange.fragment == self.fragments - 1:
+            self.rounds += 1
+        alpha = self.fragment_update_alpha
+        for p, g in zip(params[start:stop], self.global_params[start:stop], strict=True):
+            if alpha:
+                p.data.mul_(alpha).add_(g, alpha=1 - alpha)
+            else:
+                p.data.copy_(g)
+        return self.fragments == 1 and not alpha
+
+    def _launch(self, fragment: int, deltas: list[Tensor], group: ProcessGroup | None, key: str) -> _Exchange:
         if isinstance(self.compressor, NoCompression):
-            flat = flatten(deltas, self.global_params[0].dtype)
-            return self.compressor.all_reduce_async_(flat, group)
+            flat = flatten(deltas, deltas[0].dtype)
+            future = self.compressor.all_reduce_async_(flat, group)  # counts these bytes, as below
+            return _Exchange(fragment, nbytes=flat.numel() * flat.element_size(), future=future,
+                             flat_into=[torch.empty_like(d) for d in deltas])
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")
 
-        def exchange() -> list[Tensor]:
+        def exchange() -> tuple[list[Tensor], int]:
             if deltas[0].is_cuda:  # the current CUDA device is per thread
                 torch.cuda.set_device(deltas[0].device)
-            self.compressor.reduce_(PSEUDO_GRAD_KEY, deltas, group)
-            return deltas
+            return deltas, _bytes_of(self.compressor, lambda: self.compressor.reduce_(key, deltas, group))
 
-        return self._executor.submit(exchange)
+        return _Exchange(fragment, future=self._executor.submit(exchange))
 
-    def _wait(self) -> list[Tensor]:
-        pending = self._pending
-        self._pending = None
-        if isinstance(pending, list):
-            return pending
-        if isinstance(pending, Future):
-            return pending.result()
-        assert pending is not None
-        flat = pending.wait()
-        deltas = [torch.empty_like(g) for g in self.global_params]
-        copy_back(flat, deltas)
-        return deltas
-
-    def _outer_step(self, deltas: Sequence[Tensor]) -> None:
+    def _outer_step(self, deltas: Sequence[Tensor], start: int = 0, stop: int | None = None) -> None:
         mu = self.outer_momentum
-        for g, m, d in zip(self.global_params, self.momentum, deltas, strict=True):
+        for g, m, d in zip(self.global_params[start:stop], self.momentum[start:stop], deltas, strict=True):
             m.mul_(mu).add_(d)
             update = d.add(m, alpha=mu) if self.nesterov else m
             g.sub_(update, alpha=self.outer_lr)
@@ -253,44 +580,64 @@ class DiLoCoState(LocalSGDState):
     def state_dict(self) -> dict[str, Any]:
         """Global parameters, outer momentum, counters and the averaged exchange in flight (on CPU).
 
-        Identical on every rank. Waits for an exchange in flight, so that the checkpoint holds its result.
+        Identical on every rank. Waits for an exchange in flight, so that the checkpoint holds its result
+        (``pending``, for fragment ``pending_fragment``); a resumed run applies it when it is due.
         """
         self.wait()
         pending = self._pending
-        assert pending is None or isinstance(pending, list)
         return {
             **super().state_dict(),
             "config": self.config(),
             "rounds": self.rounds,
             "global_params": [g.detach().cpu().clone() for g in self.global_params],
             "momentum": [m.detach().cpu().clone() for m in self.momentum],
-            "pending": None if pending is None else [d.detach().cpu().clone() for d in pending],
+            "pending": None if pending is None else [d.detach().cpu().clone() for d in pending.resolve(self.sync_stats)],
+            "pending_fragment": None if pending is None else pending.fragment,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`.
 
         Raises:
-            ConfigurationError: the state comes from another algorithm, or a different overlap setting
-                (an exchange in flight cannot be dropped or invented).
+            ConfigurationError: the state comes from another algorithm, a different overlap setting (an
+                exchange in flight cannot be dropped or invented), or different streaming options
+                (``fragments``, ``overlap_steps``, ``fragment_update_alpha``, ``outer_dtype``; with
+                streaming also ``sync_every``): the message names both.
         """
         super().load_state_dict(state)
-        if state["config"]["overlap"] != self.overlap:
+        saved = state["config"]
+        if saved["overlap"] != self.overlap:
             raise ConfigurationError(
-                f"the checkpoint's DiLoCo state has overlap={state['config']['overlap']} but the strategy has "
-                f"overlap={self.overlap}; resume with overlap={state['config']['overlap']}."
+                f"the checkpoint's DiLoCo state has overlap={saved['overlap']} but the strategy has "
+                f"overlap={self.overlap}; resume with overlap={saved['overlap']}."
+            )
+        mine = self.config()
+        keys = list(STREAMING_DEFAULTS)
+        if self.fragments > 1 or self.overlap_steps or saved.get("fragments", 1) > 1 or saved.get("overlap_steps", 0):
+            keys.append("sync_every")  # the fragments' schedule depends on the round length
+        theirs = {k: saved.get(k, STREAMING_DEFAULTS.get(k)) for k in keys}
+        ours = {k: mine[k] for k in keys}
+        if theirs != ours:
+            shown = ", ".join(f"{k}={v!r}" for k, v in theirs.items())
+            raise ConfigurationError(
+                f"the checkpoint's DiLoCo state has {shown} but the strategy has "
+                f"{', '.join(f'{k}={v!r}' for k, v in ours.items())}; resume with {shown}."
             )
         self.rounds = int(state["rounds"])
         for dst, src in ((self.global_params, state["global_params"]), (self.momentum, state["momentum"])):
             for d, s in zip(dst, src, strict=True):
                 d.copy_(s)
         device = self.global_params[0].device
-        self._pending = None if state["pending"] is None else [d.to(device) for d in state["pending"]]
+        pending = state["pending"]
+        self._pending = None if pending is None else _Exchange(
+            int(state.get("pending_fragment") or 0), result=[d.to(device) for d in pending])
 
     def config(self) -> dict[str, Any]:
         """The hyper-parameters."""
         return {"sync_every": self.sync_every, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
-                "nesterov": self.nesterov, "overlap": self.overlap}
+                "nesterov": self.nesterov, "overlap": self.overlap, "fragments": self.fragments,
+                "overlap_steps": self.overlap_steps, "fragment_update_alpha": self.fragment_update_alpha,
+                "outer_dtype": self.outer_dtype}
 
 
 def check_threaded_backend(backend: str, setting: str, without_compression: str) -> None:
@@ -339,6 +686,11 @@ class LocalSGD:
         """Local SGD always waits for its averaging."""
         return False
 
+    @property
+    def asynchronous(self) -> bool:
+        """Local SGD always waits for its averaging."""
+        return False
+
     def build(self, params: Sequence[Tensor], compressor: Compressor | None = None) -> LocalSGDState:
         """The algorithm state for ``params`` (this rank's parameters, or its local shards of them)."""
         return LocalSGDState(self.sync_every, compressor)
@@ -349,10 +701,15 @@ class DiLoCo:
     """DiLoCo as a data-parallel synchronization: ``HybridParallelStrategy(data_parallel_sync=DiLoCo(...))``.
 
     The arguments are those of :class:`DiLoCoState`; :meth:`build` makes the state for one rank's
-    parameters.
+    parameters. ``DiLoCo(fragments=4, overlap_steps=1, outer_dtype="int8")`` is Streaming DiLoCo.
 
     Raises:
-        ConfigurationError: ``sync_every < 1``, ``outer_lr <= 0``, ``outer_momentum`` outside ``[0, 1)``.
+        ConfigurationError: ``sync_every < 1``, ``outer_lr <= 0``, ``outer_momentum`` outside ``[0, 1)``, or
+            invalid streaming options (:func:`check_streaming`).
+
+    Example::
+
+        HybridParallelStrategy(tensor_parallel_size=2, data_parallel_sync=DiLoCo(sync_every=64, fragments=4))
     """
 
     sync_every: int = 64
@@ -360,10 +717,22 @@ class DiLoCo:
     outer_momentum: float = 0.9
     nesterov: bool = True
     overlap: bool = False
+    fragments: int = 1
+    overlap_steps: int = 0
+    fragment_update_alpha: float = 0.0
+    outer_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        check_sync_every(type(self).__name__, self.sync_every)
-        check_outer(type(self).__name__, self.outer_lr, self.outer_momentum)
+        owner = type(self).__name__
+        check_sync_every(owner, self.sync_every)
+        check_outer(owner, self.outer_lr, self.outer_momentum)
+        check_streaming(owner, self.sync_every, self.overlap, self.fragments, self.overlap_steps,
+                        self.fragment_update_alpha, self.outer_dtype)
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether an exchange runs while inner steps continue (``overlap`` or ``overlap_steps > 0``)."""
+        return self.overlap or self.overlap_steps > 0
 
     def build(self, params: Sequence[Tensor], compressor: Compressor | None = None) -> DiLoCoState:
         """The algorithm state for ``params`` (this rank's parameters, or its local shards of them)."""

@@ -16,7 +16,15 @@ from torch.distributed import ProcessGroup
 from typing_extensions import override
 
 from lit_parallel.compression import Compressor, NoCompression, resolve_compressor
-from lit_parallel.parallel.local_sgd import DiLoCoState, LocalSGDState, check_outer, check_threaded_backend
+from lit_parallel.parallel.local_sgd import (
+    DiLoCoState,
+    LocalSGDState,
+    check_outer,
+    check_streaming,
+    check_sync_every,
+    check_threaded_backend,
+    resolve_outer_compressor,
+)
 from lit_parallel.strategies.local_sgd import LocalSGDStrategy
 
 __all__ = ["DiLoCoStrategy"]
@@ -35,6 +43,12 @@ class DiLoCoStrategy(LocalSGDStrategy):
     asynchronous all-reduce on a dedicated process group; with a compressor, a background thread) and
     its result is applied at the end of the next round, one round late, so no rank waits on the network.
 
+    With ``fragments=F`` it is Streaming DiLoCo (Douillard et al. 2025): the parameters are cut into F
+    fragments balanced by size, and one fragment synchronizes every ``sync_every / F`` steps (each still once
+    per round), so the peak bytes of one exchange fall F-fold. ``overlap_steps=τ`` launches a fragment's
+    exchange at its sync step and applies it τ inner steps later (on a process group of its own), and
+    ``outer_dtype="bf16" / "int8"`` quantizes the exchanged pseudo-gradient (docs/async.md, "Streaming DiLoCo").
+
     :attr:`compressor` counts the bytes of the pseudo-gradient exchange for
     :class:`~lit_parallel.callbacks.CommunicationMonitor`; its warm-up counts rounds, not inner steps.
     The checkpoint holds the outer state (global parameters, outer momentum, round counter, an exchange
@@ -51,16 +65,27 @@ class DiLoCoStrategy(LocalSGDStrategy):
        is less stable: keep ``outer_lr / (1 - outer_momentum)`` small (about 1; it diverged at 2 and
        above on MNIST).
     4. ``compression`` (``Int8``, ``FP16``, ...) multiplies the saving; pseudo-gradients of many steps
-       tolerate quantization well.
+       tolerate quantization well. ``outer_dtype="int8"`` is the stateless quantizer of Streaming DiLoCo.
+    5. On a link whose bandwidth, not total bytes, limits: ``fragments=4`` cuts the peak of one exchange
+       4-fold at equal total bytes, and ``overlap_steps=1..sync_every / fragments - 1`` hides the exchange
+       behind inner steps (its result is staler by as many steps).
 
     Args:
         sync_every: inner optimizer steps per round (``H``).
         outer_lr: outer learning rate.
         outer_momentum: outer momentum, in ``[0, 1)``.
         nesterov: Nesterov outer momentum.
-        overlap: exchange the pseudo-gradient in the background and apply it one round late.
+        overlap: exchange the pseudo-gradient in the background and apply it one round late (DiLoCo only;
+            Streaming DiLoCo overlaps with ``overlap_steps``).
         compression: a :class:`~lit_parallel.compression.Compressor`, a registered name (``"int8"``, ...)
             or ``None`` for an exact all-reduce.
+        fragments: Streaming DiLoCo's parameter fragments (a divisor of ``sync_every``; 1 = DiLoCo).
+        overlap_steps: inner steps between launching a fragment's exchange and applying it, in
+            ``[0, sync_every / fragments)``.
+        fragment_update_alpha: weight of the local parameters when a fragment takes the new global ones, in
+            ``[0, 1)``.
+        outer_dtype: ``None``, ``"bf16"``, ``"fp16"`` or ``"int8"``: the dtype the pseudo-gradient is averaged in
+            (instead of ``compression``).
         accelerator: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
         parallel_devices: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
         cluster_environment: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -69,11 +94,15 @@ class DiLoCoStrategy(LocalSGDStrategy):
         process_group_backend: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
         timeout: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
         start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        replica_check_every_n_steps: as for :class:`~lit_parallel.LocalSGDStrategy` (checked only after a
+            whole-model synchronization, so never with ``fragments > 1``).
 
     Raises:
         ConfigurationError: ``sync_every < 1``, ``outer_lr <= 0``, ``outer_momentum`` outside ``[0, 1)``,
-            an unknown compressor, or ``overlap`` with a compressor on a backend that cannot run its
-            exchange in a background thread (valid: gloo, nccl; or no compression).
+            an unknown compressor, ``overlap`` / ``overlap_steps`` with a compressor on a backend that cannot
+            run its exchange in a background thread (valid: gloo, nccl; or no compression), ``fragments`` not
+            dividing ``sync_every``, ``overlap_steps`` outside ``[0, sync_every / fragments)``, an unknown
+            ``outer_dtype`` or one given with ``compression``, or ``overlap=True`` with streaming options.
 
     Example::
 
@@ -83,6 +112,8 @@ class DiLoCoStrategy(LocalSGDStrategy):
         trainer = Trainer(accelerator="cpu", devices=2,
                           strategy=DiLoCoStrategy(sync_every=64, overlap=True, compression=Int8()))
         trainer = Trainer(accelerator="cpu", devices=2, strategy="diloco")  # the defaults below
+        trainer = Trainer(accelerator="cpu", devices=2,                     # Streaming DiLoCo
+                          strategy=DiLoCoStrategy(sync_every=64, fragments=4, overlap_steps=2, outer_dtype="int8"))
     """
 
     def __init__(
@@ -102,9 +133,16 @@ class DiLoCoStrategy(LocalSGDStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         replica_check_every_n_steps: int | None = None,
+        fragments: int = 1,
+        overlap_steps: int = 0,
+        fragment_update_alpha: float = 0.0,
+        outer_dtype: str | None = None,
     ) -> None:
-        check_outer(type(self).__name__, outer_lr, outer_momentum)
-        compression = resolve_compressor(compression)
+        owner = type(self).__name__
+        check_sync_every(owner, sync_every)
+        check_outer(owner, outer_lr, outer_momentum)
+        check_streaming(owner, sync_every, overlap, fragments, overlap_steps, fragment_update_alpha, outer_dtype)
+        compression = resolve_outer_compressor(owner, outer_dtype, resolve_compressor(compression))
         super().__init__(
             sync_every=sync_every,
             accelerator=accelerator,
@@ -118,6 +156,8 @@ class DiLoCoStrategy(LocalSGDStrategy):
             replica_check_every_n_steps=replica_check_every_n_steps,
         )
         self.outer_lr, self.outer_momentum, self.nesterov, self.overlap = outer_lr, outer_momentum, nesterov, overlap
+        self.fragments, self.overlap_steps = fragments, overlap_steps
+        self.fragment_update_alpha, self.outer_dtype = fragment_update_alpha, outer_dtype
         if compression is not None:
             self._compressor = compression
         if process_group_backend is not None:
@@ -145,17 +185,24 @@ class DiLoCoStrategy(LocalSGDStrategy):
     @override
     def _build_state(self, params: list[torch.Tensor]) -> LocalSGDState:
         return DiLoCoState(params, self.sync_every, self.outer_lr, self.outer_momentum, self.nesterov,
-                           self.overlap, self._compressor)
+                           self.overlap, self._compressor, fragments=self.fragments, overlap_steps=self.overlap_steps,
+                           fragment_update_alpha=self.fragment_update_alpha, outer_dtype=self.outer_dtype)
 
     @override
     def _create_sync_group(self) -> ProcessGroup | None:
         # A group of its own, so the exchange in flight never queues behind (or blocks) Lightning's own
         # collectives such as the logged loss's all-reduce. new_group is collective: every rank calls it.
-        if not self.overlap or not dist.is_initialized():
+        if not self._asynchronous or not dist.is_initialized():
             return None
         return dist.new_group(backend=self._get_process_group_backend())
 
+    @property
+    def _asynchronous(self) -> bool:
+        """Whether an exchange runs while inner steps continue (``overlap`` or ``overlap_steps > 0``)."""
+        return self.overlap or self.overlap_steps > 0
+
     def _check_overlap(self, backend: str) -> None:
-        if self.overlap and not isinstance(self._compressor, NoCompression):
-            check_threaded_backend(backend, f"DiLoCoStrategy(overlap=True, compression={self._compressor!r})",
-                                   "compression=None")
+        if self._asynchronous and not isinstance(self._compressor, NoCompression):
+            setting = "overlap=True" if self.overlap else f"overlap_steps={self.overlap_steps}"
+            check_threaded_backend(backend, f"DiLoCoStrategy({setting}, compression={self._compressor!r})",
+                                   "compression=None and outer_dtype=None")

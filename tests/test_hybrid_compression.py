@@ -42,15 +42,27 @@ def _loader(per_rank_batch: int) -> DataLoader:
     return DataLoader(data, batch_size=per_rank_batch, shuffle=True)
 
 
-def _fit(compressor, tp: int, devices: int, epochs: int = 1, ckpt_in=None, ckpt_out=None, overlap: bool = True):
+class _LaunchedBeforeBackward(Callback):
+    """How many dp buckets were already on their way when Lightning's backward began."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.counts.append(len(trainer.strategy._dp.grads._pending))
+
+
+def _fit(compressor, tp: int, devices: int, epochs: int = 1, ckpt_in=None, ckpt_out=None, overlap: bool = True,
+         pp: int = 1, launched: _LaunchedBeforeBackward | None = None):
     L.seed_everything(3, verbose=False)
     module = ImageClassifier(net=mlp(in_features=FEATURES, hidden=64, depth=2), lr=1e-2)
     digest, monitor = _Digest(), CommunicationMonitor(log_metrics=False)
     strategy = HybridParallelStrategy(tensor_parallel_size=tp, gradient_compression=compressor,
-                                      overlap_grad_sync=overlap)
+                                      overlap_grad_sync=overlap, pipeline_parallel_size=pp,
+                                      num_microbatches=2 if pp > 1 else None)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[digest, monitor])
+                        callbacks=[digest, monitor, *([launched] if launched else [])])
     trainer.fit(module, _loader(BATCH), ckpt_path=ckpt_in)
     if ckpt_out:
         trainer.save_checkpoint(ckpt_out)
@@ -91,6 +103,29 @@ def test_overlapped_compressed_dp_sync_equals_the_serial_one_bit_for_bit_with_tp
         for index, compressor in enumerate(compressors):
             overlapped, serial = results[rank][index]
             assert len(overlapped) == 2 * STEPS_PER_EPOCH and overlapped == serial, (rank, compressor)
+
+
+def _pipeline_overlapped_and_serial(compressors):
+    out = []
+    for c in compressors:
+        overlapped, serial = _LaunchedBeforeBackward(), _LaunchedBeforeBackward()
+        a = _fit(copy.deepcopy(c), tp=1, pp=2, devices=4, epochs=2, launched=overlapped)[0]
+        b = _fit(copy.deepcopy(c), tp=1, pp=2, devices=4, epochs=2, overlap=False, launched=serial)[0]
+        out.append((a, b, overlapped.counts, serial.counts))
+    return out
+
+
+@pytest.mark.slow
+def test_pipeline_stages_start_their_dp_exchange_inside_the_schedule():
+    compressors = [PowerSGD(rank=2), None]
+    results = run_distributed(_pipeline_overlapped_and_serial, world_size=4, args=(compressors,),
+                              init_process_group=False, timeout=400, env={"MKL_CBWR": "AUTO,STRICT"})
+    for rank in range(4):
+        for index, compressor in enumerate(compressors):
+            overlapped, serial, launched, not_launched = results[rank][index]
+            assert len(overlapped) == 2 * STEPS_PER_EPOCH and overlapped == serial, (rank, compressor)
+            # The stage's buckets left during the schedule, before Lightning's backward call; not when serial.
+            assert min(launched) >= 1 and set(not_launched) == {0}, (rank, compressor, launched, not_launched)
 
 
 def _resume(tmp: str):

@@ -42,6 +42,9 @@ class GradientSynchronizer:
         exchange_group: a process group with ``group``'s ranks that only the compressor's exchange
             thread uses (an overlapped compressed exchange must not share a group with collectives the
             training thread issues during backward, e.g. sync-BN); ``None``: ``group``.
+        ready_from_hooks: with ``overlap``, learn that a gradient is final from a hook on its
+            parameter. ``False``: the caller says so with :meth:`parameters_done` (a pipeline stage
+            after its last microbatch's backward, when the hooks fire once per microbatch).
 
     Example::
 
@@ -59,6 +62,7 @@ class GradientSynchronizer:
         bucket_cap_mb: float = 25.0,
         overlap: bool = False,
         exchange_group: ProcessGroup | None = None,
+        ready_from_hooks: bool = True,
     ) -> None:
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb} must be > 0.")
@@ -66,6 +70,7 @@ class GradientSynchronizer:
         self.exchange_group = exchange_group if exchange_group is not None else group
         self.compressor = compressor
         self.params = [(n, p) for n, p in named_parameters if p.requires_grad]
+        self.ready_from_hooks = ready_from_hooks
         self._exact = compressor is None or (not getattr(compressor, "compressing", True)
                                              and hasattr(compressor, "all_reduce_async_"))
         self.overlap = bool(overlap) and (self._exact or hasattr(compressor, "reduce_async_"))
@@ -79,7 +84,8 @@ class GradientSynchronizer:
         self._next = len(self.buckets) - 1
         self._pending: dict[int, tuple[Any, torch.Tensor | None, list[torch.Tensor]]] = {}
         self._hooks: list[Any] = []
-        if self.overlap and dist.is_initialized() and self.world_size > 1:
+        self._bucket_of = {id(param): index for index, bucket in enumerate(self.buckets) for _, param in bucket}
+        if self.overlap and ready_from_hooks and dist.is_initialized() and self.world_size > 1:
             for index, bucket in enumerate(self.buckets):
                 for _, param in bucket:
                     self._hooks.append(param.register_post_accumulate_grad_hook(self._hook(index)))
@@ -116,19 +122,33 @@ class GradientSynchronizer:
 
     def _hook(self, index: int) -> Any:
         def on_grad_ready(_: torch.Tensor) -> None:
-            if not self.enabled:
-                return
-            self._ready[index] += 1
-            if self._ready[index] != len(self.buckets[index]):
-                return
-            if self._exact:
-                self._launch(index)
-                return
-            while self._next >= 0 and self._ready[self._next] == len(self.buckets[self._next]):
-                self._launch(self._next)
-                self._next -= 1
+            if self.enabled:
+                self._mark_ready(index)
 
         return on_grad_ready
+
+    def parameters_done(self, params: Iterable[torch.Tensor]) -> None:
+        """The gradients of ``params`` are final for this step: launch every bucket that is complete now.
+
+        Parameters this synchronizer does not average are ignored. For ``ready_from_hooks=False``.
+        """
+        if not (self.overlap and self.enabled) or self.world_size == 1:
+            return
+        for param in params:
+            index = self._bucket_of.get(id(param))
+            if index is not None:
+                self._mark_ready(index)
+
+    def _mark_ready(self, index: int) -> None:
+        self._ready[index] += 1
+        if self._ready[index] != len(self.buckets[index]):
+            return
+        if self._exact:
+            self._launch(index)
+            return
+        while self._next >= 0 and self._ready[self._next] == len(self.buckets[self._next]):
+            self._launch(self._next)
+            self._next -= 1
 
     @torch.no_grad()
     def _launch(self, index: int) -> None:
@@ -182,7 +202,7 @@ class GradientSynchronizer:
         """Average every gradient over the group (in place)."""
         if self.world_size == 1:
             return
-        if self._hooks:
+        if self.overlap:
             self._finish_overlapped()
             return
         for index, bucket in enumerate(self.buckets):

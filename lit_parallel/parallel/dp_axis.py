@@ -91,11 +91,13 @@ class DataParallelAxis:
             )
 
     def setup(self, named_parameters: Iterable[tuple[str, nn.Parameter]], local_parameters: list[torch.Tensor],
-              group: Any, overlap: bool, new_group: Callable[[], Any] | None = None) -> None:
+              group: Any, overlap: bool, new_group: Callable[[], Any] | None = None,
+              ready_from_hooks: bool = True) -> None:
         """Build the per-step synchronizer, or the round state (``local_parameters``: this rank's shards).
 
         ``new_group`` makes a process group of its own for an overlapped round or an overlapped compressed
-        gradient exchange (collective on every rank).
+        gradient exchange (collective on every rank). ``ready_from_hooks=False``: the caller reports final
+        gradients with :meth:`parameters_done` (pipeline stages).
         """
         self.close()
         if self.sync is None:
@@ -103,7 +105,8 @@ class DataParallelAxis:
             threaded = overlap and self.compressor.compressing and new_group is not None
             self.grads = GradientSynchronizer(named_parameters, group=group, compressor=self.compressor,
                                               bucket_cap_mb=self.bucket_cap_mb, overlap=overlap,
-                                              exchange_group=new_group() if threaded else None)
+                                              exchange_group=new_group() if threaded else None,
+                                              ready_from_hooks=ready_from_hooks)
             return
         self.state = self.sync.build(local_parameters, self.compressor)
         # A group of its own per dp group, so an exchange in flight never queues behind (or blocks) others.
@@ -113,6 +116,11 @@ class DataParallelAxis:
         """Gradient accumulation: no overlapped all-reduce until the step's last backward."""
         if self.grads is not None:
             self.grads.enabled = not accumulating
+
+    def parameters_done(self, params: Iterable[torch.Tensor]) -> None:
+        """Start the exchange of every gradient bucket that ``params`` complete (overlapped sync only)."""
+        if self.grads is not None:
+            self.grads.parameters_done(params)
 
     def sync_gradients(self) -> None:
         """Average the gradients over the group (nothing under local SGD / DiLoCo)."""

@@ -81,6 +81,8 @@ class PipelineRuntime:
         self._pending: list[tuple[nn.Parameter, Tensor | None]] = []
         self._loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
         self._loss_scale: Callable[[Tensor], Tensor] = lambda loss: loss
+        # Called with a stage module once its last microbatch's backward has run (during the schedule).
+        self.after_stage_backward: Callable[[nn.Module], None] | None = None
 
     def sync_tied_gradients(self, model: nn.Module) -> None:
         """Give every copy of a weight tied across stages the sum of all copies' gradients."""
@@ -114,9 +116,25 @@ class PipelineRuntime:
                       for mod, sid in zip(self.stage_modules, self.stage_ids, strict=True)]
             # scale_grads=False: the loss carries 1/microbatches (and the caller's accumulation factor), so
             # gradients accumulated over several batches are not rescaled by the schedule.
+            if training:
+                for stage, module in zip(stages, self.stage_modules, strict=True):
+                    self._announce_last_backward(stage, module)
             self._schedules[key] = build_schedule(self.schedule_name, stages, self.n_microbatches,
                                                   self._microbatch_loss if training else None, scale_grads=False)
         return self._schedules[key]
+
+    def _announce_last_backward(self, stage: Any, module: nn.Module) -> None:
+        # Every torch schedule calls perform_reduce_grad once per stage and step, right after the stage's
+        # last backward (its REDUCE_GRAD action); that is where DDP / FSDP stage modules reduce, and where
+        # the data-parallel exchange of the stage's gradients can start.
+        reduce_grad = stage.perform_reduce_grad
+
+        def perform_reduce_grad(grad_scale_factor: int) -> None:
+            if self.after_stage_backward is not None:
+                self.after_stage_backward(module)
+            reduce_grad(grad_scale_factor)
+
+        stage.perform_reduce_grad = perform_reduce_grad
 
     def _microbatch_loss(self, output: Tensor, target: Tensor) -> Tensor:
         assert self._loss_fn is not None

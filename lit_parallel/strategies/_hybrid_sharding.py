@@ -39,6 +39,8 @@ class ShardedDataParallelMixin:
     _parallelizer: Any  # ModelParallelizer
     _pipeline: Any  # PipelineRuntime | None
     _meta_origins: dict[str, MetaOrigins]
+    _accumulating: bool
+    _tied_ids: set[int]  # parameters tied across pipeline stages (their dp exchange waits for the stage sum)
     _zero1: OptimizerStatePartition | None
     materialized_bytes: int
 
@@ -151,9 +153,27 @@ class ShardedDataParallelMixin:
         if self._replicate_axis_ours:
             replicate_group = mesh_dim(self.device_mesh, "dp_replicate").get_group()
             compress_replicate_axis(roots, self.compressor, replicate_group)
-        self._dp.setup(rest, self._local_parameters(), self.data_parallel_group,
-                       overlap=self.overlap_grad_sync and self.dims.pp == 1,
-                       new_group=lambda: new_dp_groups(self.device_mesh, self._process_group_backend))
+        # Under a pipeline, gradients are final when a stage's last microbatch backward has run (the hooks on
+        # parameters fire once per microbatch): the runtime reports that from inside the schedule.
+        self._dp.setup(rest, self._local_parameters(), self.data_parallel_group, overlap=self.overlap_grad_sync,
+                       new_group=lambda: new_dp_groups(self.device_mesh, self._process_group_backend),
+                       ready_from_hooks=self._pipeline is None)
+        if self._pipeline is not None:
+            model = self.lightning_module.model
+            tied = {name for names in self._pipeline.plan.tied_parameters for name in names}
+            # Tied weights are summed over their stages first (sync_gradients), so they wait for it.
+            self._tied_ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in tied}
+            self._pipeline.after_stage_backward = self._stage_backward_done if self.overlap_grad_sync else None
+
+    def _stage_backward_done(self, stage: Any) -> None:
+        """Start the dp exchange of a pipeline stage's gradients while the schedule goes on.
+
+        Not under gradient accumulation: the step's gradients are added to the earlier ones only after the
+        schedule, and it is the sum that is averaged.
+        """
+        if self._accumulating or self.lightning_module.trainer.accumulate_grad_batches != 1:
+            return
+        self._dp.parameters_done(p for p in stage.parameters() if id(p) not in self._tied_ids)
 
     def _materialize(self) -> None:
         """Allocate and fill this rank's shards of meta-built networks (pretrained slices or seeded init)."""

@@ -128,9 +128,11 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
             (or ``"local_sgd"`` / ``"diloco"`` for their defaults): replicas synchronize every ``sync_every``
             optimizer steps (docs/async.md).
         bucket_cap_mb: size of the gradient buckets of the data-parallel sync.
-        overlap_grad_sync: start each bucket's data-parallel all-reduce from a gradient hook while backward
-            is still running (as DDP does). Used when the reduction is exact (no compression) and pp == 1;
-            the result is the same either way.
+        overlap_grad_sync: start each bucket's data-parallel exchange while backward is still running (as
+            DDP does): exact all-reduces from gradient hooks; compressed exchanges on the compressor's own
+            thread and process group; under a pipeline, each stage's buckets once its last microbatch's
+            backward has run (inside the schedule; not with gradient accumulation, and weights tied across
+            stages wait for their stage sum). The result is the same, bit for bit, either way.
         process_group_backend: ``"gloo"``/``"nccl"``; ``None`` picks by device.
         timeout: timeout of collectives.
         replica_check_every_n_steps: every N optimizer steps, verify that the data-parallel replicas of every
@@ -209,6 +211,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
         self._parallelized: weakref.ref[Any] | None = None
         self._context: ParallelContext | None = None
         self._accumulating = False  # inside block_backward_sync: a gradient-accumulation micro-step
+        self._tied_ids: set[int] = set()
         self._synced = False
         self._blocks: dict[str, list[str]] = {}
         self._meta_origins: dict[str, MetaOrigins] = {}

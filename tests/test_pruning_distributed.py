@@ -201,6 +201,7 @@ def _every_case() -> dict[str, object]:
         "dp": _fit_pruned(2),
         "diloco": _fit_pruned(2, DiLoCoStrategy(sync_every=2, outer_momentum=0.5)),
         "misaligned": _refusal(lambda: _fit_pruned(2, LocalSGDStrategy(sync_every=2), every_n_steps=3)),
+        "streaming": _refusal(lambda: _fit_pruned(2, DiLoCoStrategy(sync_every=2, fragments=2))),
         "tp": _tensor_parallel_masks(),
         "pp": _pipeline_masks(),
     }
@@ -220,6 +221,8 @@ def test_mask_updates_off_the_synchronization_steps_are_refused(ranks):
     for result in ranks:
         assert "every_n_steps=3 under LocalSGDStrategy with sync_every=2" in result["misaligned"]
         assert "valid: multiples of 2" in result["misaligned"]
+        assert "under Streaming DiLoCo (DiLoCoStrategy with fragments > 1" in result["streaming"]
+        assert "valid: fragments=1, overlap_steps=0, fragment_update_alpha=0" in result["streaming"]
 
 
 @pytest.fixture(scope="module")

@@ -231,7 +231,14 @@ class _MaskPruning(Callback):
         Between synchronizations the replicas differ, so masks computed from their weights would differ
         too; right after one (``global_step % sync_every == 0``) they are identical.
         """
-        every = parallel_context(trainer.strategy).replica_sync_every or 1
+        context = parallel_context(trainer.strategy)
+        if not context.replicas_meet:
+            raise ConfigurationError(
+                f"{type(self).__name__} under Streaming DiLoCo ({type(trainer.strategy).__name__} with fragments > 1, "
+                "overlap_steps > 0 or fragment_update_alpha > 0): the replicas never hold identical weights at one "
+                "step, so their masks would differ; valid: fragments=1, overlap_steps=0, fragment_update_alpha=0."
+            )
+        every = context.replica_sync_every or 1
         if every == 1:
             return 1
         assert self._resolved_end is not None

@@ -36,6 +36,9 @@ class ParallelContext:
         compressor: the compressor of the data-parallel exchange (counts bytes), or ``None``.
         replica_sync_every: under local SGD / DiLoCo, optimizer steps between replica synchronizations
             (replicas are identical right after one); ``None``: identical after every step.
+        replicas_meet: ``False`` under Streaming DiLoCo (``fragments > 1``, ``overlap_steps > 0`` or
+            ``fragment_update_alpha > 0``): fragments synchronize at different steps, so the replicas never
+            hold identical parameters at one step boundary.
         tied_copies: returns the parameters tied across pipeline stages that this rank holds but that
             another stage owns (counted once in global norms).
     """
@@ -47,6 +50,7 @@ class ParallelContext:
     tensor_parallel_group: Any = None
     compressor: Any = None
     replica_sync_every: int | None = None
+    replicas_meet: bool = True
     tied_copies: Callable[[], list[Tensor]] = field(default=_no_copies)
 
 

@@ -77,6 +77,11 @@ class DataParallelAxis:
         """Steps between rounds (replicas are identical right after one); ``None`` for per-step averaging."""
         return None if self.sync is None else self.sync.sync_every
 
+    @property
+    def replicas_meet(self) -> bool:
+        """Whether the replicas are identical at some step boundary (not under Streaming DiLoCo)."""
+        return not (self.sync is not None and getattr(self.sync, "streaming", False))
+
     def settings(self) -> dict[str, str | None]:
         """The options that need dp >= 2, as shown in messages."""
         return {"gradient_compression": None if self.compression is None else type(self.compression).__name__,

@@ -41,7 +41,8 @@ from lit_parallel.parallel.compression.cast import BF16, FP16
 from lit_parallel.parallel.compression.int8 import Int8
 
 __all__ = ["OUTER_DTYPES", "THREADED_BACKENDS", "DiLoCo", "DiLoCoState", "LocalSGD", "LocalSGDState", "SyncStats",
-           "check_streaming", "check_sync_every", "check_threaded_backend", "outer_compressor", "partition_fragments",
+           "check_streaming", "check_sync_every", "check_threaded_backend", "is_streaming", "outer_compressor",
+           "partition_fragments",
            "resolve_dp_sync"]
 
 # Backends whose collectives may run from DiLoCoState's background thread (a compressed, overlapped exchange).
@@ -228,6 +229,15 @@ def check_streaming(owner: str, sync_every: int, overlap: bool, fragments: Any, 
             "one-round-late DiLoCo; Streaming DiLoCo overlaps with overlap_steps instead. Valid: overlap=True with "
             "fragments=1 and overlap_steps=0, or overlap=False."
         )
+
+
+def is_streaming(fragments: int, overlap_steps: int, fragment_update_alpha: float) -> bool:
+    """Whether replicas never hold identical parameters at one step boundary (Streaming DiLoCo's settings).
+
+    Fragments synchronize at different steps; with ``overlap_steps`` or a merge (``fragment_update_alpha``) a
+    fragment is set to the global values only after local steps went on.
+    """
+    return fragments > 1 or overlap_steps > 0 or fragment_update_alpha > 0
 
 
 def partition_fragments(numels: Sequence[int], fragments: int) -> list[tuple[int, int]]:
@@ -733,6 +743,11 @@ class DiLoCo:
     def asynchronous(self) -> bool:
         """Whether an exchange runs while inner steps continue (``overlap`` or ``overlap_steps > 0``)."""
         return self.overlap or self.overlap_steps > 0
+
+    @property
+    def streaming(self) -> bool:
+        """Whether fragments synchronize at different steps (the replicas never meet at one step)."""
+        return is_streaming(self.fragments, self.overlap_steps, self.fragment_update_alpha)
 
     def build(self, params: Sequence[Tensor], compressor: Compressor | None = None) -> DiLoCoState:
         """The algorithm state for ``params`` (this rank's parameters, or its local shards of them)."""

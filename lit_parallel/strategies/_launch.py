@@ -90,12 +90,14 @@ class RestartSafeDDPMixin:
 
     compressor: Any  # every DDP-family strategy of the package has one (``NoCompression`` counts bytes)
     replica_sync_every: int | None = None  # LocalSGD / DiLoCo: steps between synchronizations
+    replicas_meet: bool = True  # False under Streaming DiLoCo (ParallelContext.replicas_meet)
 
     @property
     def parallel_context(self: Any) -> ParallelContext:
         """The layout for precision plugins and callbacks (:class:`~lit_parallel.parallel.context.ParallelContext`)."""
         return ParallelContext(device=self.root_device, data_parallel_size=self.world_size,
-                               compressor=self.compressor, replica_sync_every=self.replica_sync_every)
+                               compressor=self.compressor, replica_sync_every=self.replica_sync_every,
+                               replicas_meet=self.replicas_meet)
 
     @property
     def _layer_sync(self: Any) -> LayerSync | None:

@@ -23,6 +23,7 @@ from lit_parallel.parallel.local_sgd import (
     check_streaming,
     check_sync_every,
     check_threaded_backend,
+    is_streaming,
     resolve_outer_compressor,
 )
 from lit_parallel.strategies.local_sgd import LocalSGDStrategy
@@ -195,6 +196,11 @@ class DiLoCoStrategy(LocalSGDStrategy):
         if not self._asynchronous or not dist.is_initialized():
             return None
         return dist.new_group(backend=self._get_process_group_backend())
+
+    @property
+    def replicas_meet(self) -> bool:  # type: ignore[override]  # a class attribute in the mixin
+        """Whether the replicas are identical right after a round (not under Streaming DiLoCo)."""
+        return not is_streaming(self.fragments, self.overlap_steps, self.fragment_update_alpha)
 
     @property
     def _asynchronous(self) -> bool:

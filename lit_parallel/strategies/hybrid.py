@@ -402,6 +402,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
             device=self.root_device, data_parallel_size=self.dims.dp, data_parallel_group=self.data_parallel_group,
             model_parallel_group=self.model_parallel_group, tensor_parallel_group=self.tensor_parallel_group,
             compressor=self.compressor, replica_sync_every=self.replica_sync_every, tied_copies=self._tied_copies,
+            replicas_meet=self._dp.replicas_meet,
         )
         self.precision_plugin.attach(self._context)
 

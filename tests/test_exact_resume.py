@@ -229,6 +229,16 @@ def _one_checkpoint(tmp_path: Path) -> Path:
     return tmp_path / "steps" / "step=2.ckpt"
 
 
+@pytest.mark.parametrize(("overrides", "expected"), [([], 1), (["callbacks=none"], 1),
+                                                     (["callbacks.exact_resume=null"], 0)])
+def test_cli_adds_exact_resume_unless_turned_off(compose_cfg, overrides, expected):
+    from lit_parallel.cli import _instantiate_group, _with_exact_resume
+
+    cfg = compose_cfg(*overrides)
+    callbacks = _with_exact_resume(_instantiate_group(cfg.get("callbacks")), cfg.get("callbacks"))
+    assert sum(isinstance(c, ExactResume) for c in callbacks) == expected
+
+
 def test_bad_seed_is_refused():
     with pytest.raises(ValueError, match=r"seed='1'; valid: an integer"):
         ExactResume(seed="1")
@@ -250,3 +260,83 @@ def test_compressed_ddp_resumes_exactly_from_every_checkpoint_path(tmp_path):
 @pytest.mark.parametrize("strategy", ["hybrid", "hybrid_tp2"])
 def test_hybrid_resumes_exactly_from_every_checkpoint_path(tmp_path, strategy):
     _check_all_paths(tmp_path, strategy, True)
+
+
+# -- a rank really killed (SIGKILL) mid-epoch under torchrun, then a fresh torchrun resumes -------------------
+KILL_AT_STEP = 10  # mid-epoch 2; the newest checkpoints then are last.ckpt (end of epoch 1, step 8) and step=9.ckpt
+
+
+class _PauseAt(Callback):
+    """Rank 1 writes its pid and stops before the given step, so that the test kills it there."""
+
+    def __init__(self, step: int, pid_file: str) -> None:
+        self.step, self.pid_file = step, pid_file
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == 1:
+            Path(self.pid_file + ".tmp").write_text(str(os.getpid()))
+            os.replace(self.pid_file + ".tmp", self.pid_file)
+            time.sleep(600)  # the test SIGKILLs this process long before
+
+
+def _script(root: str, ckpt_path: str, pause_at: str) -> None:
+    """Entry point of the torchrun workers: ``python -m torch.distributed.run ... this_file ROOT CKPT STEP``."""
+    torch.set_num_threads(1)
+    run = Path(root)
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=str(run / "checkpoints"), every_n_epochs=1, save_last=True, save_top_k=-1),
+        ModelCheckpoint(dirpath=str(run / "checkpoints"), filename="{step}", every_n_train_steps=3, save_top_k=-1),
+    ]
+    if int(pause_at):
+        callbacks.append(_PauseAt(int(pause_at), str(run / "rank1.pid")))
+    state, _ = _fit(run, "ddp", True, ckpt_path=ckpt_path or None, callbacks=callbacks, world_size=2)
+    if state is not None:
+        torch.save(state, run / "final.pt")
+
+
+_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+                "LOCAL_WORLD_SIZE")
+
+
+def _torchrun(root: Path, ckpt_path: str = "", pause_at: int = 0) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("TORCHELASTIC_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    root.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=0",
+               __file__, str(root), ckpt_path, str(pause_at)]
+    return subprocess.Popen(command, stdout=open(root / "log.txt", "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def _finish(proc: subprocess.Popen, root: Path) -> None:
+    assert proc.wait(timeout=300) == 0, (root / "log.txt").read_text()[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_rank_sigkilled_mid_epoch_under_torchrun_resumes_exactly(tmp_path):
+    reference = _torchrun(tmp_path / "reference")
+    killed = _torchrun(tmp_path / "killed", pause_at=KILL_AT_STEP)
+    _finish(reference, tmp_path / "reference")
+    pid_file = tmp_path / "killed" / "rank1.pid"
+    deadline = time.monotonic() + 300
+    while not pid_file.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), (tmp_path / "killed" / "log.txt").read_text()[-4000:]
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert killed.wait(timeout=300) != 0  # torchrun saw its worker die and stopped the other one
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert not (tmp_path / "killed" / "final.pt").exists()
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "last.ckpt", "step=3.ckpt", "step=6.ckpt", "step=9.ckpt"]
+    want = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
+    # Copies: each resumed job writes its own checkpoints next to the one it resumes from.
+    for name in ("last.ckpt", "step=9.ckpt"):
+        run = tmp_path / f"resumed_{name}"
+        run.mkdir()
+        shutil.copy(checkpoints / name, run / name)
+        _finish(_torchrun(run, ckpt_path=str(run / name)), run)
+        _assert_bitwise_equal(want, torch.load(run / "final.pt", weights_only=True), name)
+
+
+if __name__ == "__main__":
+    _script(*sys.argv[1:4])

@@ -47,18 +47,22 @@ class TinyRegressor(L.LightningModule):
         self.seen.append((self.current_epoch, batch_idx, self.global_step, ids.tolist()))
         return F.mse_loss(self.net(x), y)
 
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.log("val_loss", F.mse_loss(self.net(x), y))
+
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
-def _loader(data_parallel_size: int, shuffle: bool) -> DataLoader:
+def _loader(data_parallel_size: int, shuffle: bool, num_workers: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(SAMPLES, 4, generator=g), torch.randn(SAMPLES, 1, generator=g),
                          torch.arange(SAMPLES))
-    return DataLoader(data, batch_size=SAMPLES // STEPS_PER_EPOCH // data_parallel_size,
-                      shuffle=shuffle)
+    return DataLoader(data, batch_size=SAMPLES // STEPS_PER_EPOCH // data_parallel_size, shuffle=shuffle,
+                      num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
 class _SaveAt(Callback):
@@ -86,17 +90,21 @@ def _strategy(name: str):
 
 
 def _fit(root: Path, strategy: str, shuffle: bool, *, ckpt_path: str | None = None, max_steps: int = MAX_STEPS,
-         callbacks: list[Callback] = (), exact: bool = True, world_size: int = 1):
+         callbacks: list[Callback] = (), exact: bool = True, world_size: int = 1, max_epochs: int | None = None,
+         validate_every: int | None = None, num_workers: int = 0):
     """One fit; returns (full fp32 state dict on global rank 0, the batches it trained)."""
     L.seed_everything(SEED, verbose=False)
     tensor_parallel = int(strategy.removeprefix("hybrid_tp")) if strategy.startswith("hybrid_tp") else 1
     model = TinyRegressor()
     strategy_obj = _strategy(strategy)
     trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy=strategy_obj, max_steps=max_steps,
-                        default_root_dir=str(root), limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        max_epochs=max_epochs, default_root_dir=str(root), logger=False, enable_progress_bar=False,
+                        limit_val_batches=0 if validate_every is None else 2, val_check_interval=validate_every,
                         enable_model_summary=False, enable_checkpointing=bool(callbacks),
                         callbacks=[*([ExactResume()] if exact else []), *callbacks])
-    trainer.fit(model, _loader(world_size // tensor_parallel, shuffle), ckpt_path=ckpt_path)
+    dp = world_size // tensor_parallel
+    trainer.fit(model, _loader(dp, shuffle, num_workers), _loader(dp, False) if validate_every else None,
+                ckpt_path=ckpt_path)
     if hasattr(trainer.strategy, "export_state_dict"):
         state = trainer.strategy.export_state_dict()
     else:
@@ -191,6 +199,34 @@ def test_single_process_shuffle_order_is_the_distributed_samplers():
     for epoch in range(2):
         order = [i for e, _, _, ids in seen if e == epoch for i in ids]
         assert order == torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(SEED + epoch)).tolist()
+
+
+@pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
+def test_checkpoints_written_by_validation_resume_exactly(tmp_path, limit):
+    """Validation every 2 batches, ``ModelCheckpoint(monitor="val_loss", save_last=True)`` as the CLI's default:
+    checkpoints written on ``on_validation_end`` mid-epoch and at the epoch's end (where Lightning replays)."""
+    limits = {"max_steps": MAX_STEPS} if limit == "max_steps" else {"max_steps": -1, "max_epochs": 3}
+    writer = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val_loss", save_last=True, save_top_k=-1)
+    reference, reference_seen = _fit(tmp_path / "ref", "auto", True, callbacks=[writer], validate_every=2, **limits)
+    names = [f"epoch={e}-step={s}.ckpt" for e, s in ((0, 2), (0, 4), (1, 6), (1, 8), (2, 10))]
+    assert {*names, "last.ckpt"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    for name in names:
+        state, seen = _fit(tmp_path / "resumed", "auto", True, ckpt_path=str(tmp_path / "ckpt" / name),
+                           validate_every=2, **limits)
+        step = int(name.split("step=")[1].removesuffix(".ckpt"))
+        assert seen == reference_seen[step:], name
+        _assert_bitwise_equal(reference, state, name)
+
+
+def test_persistent_worker_loader_resumes_exactly_mid_epoch(tmp_path):
+    """Two persistent workers: their iterator is rebuilt skipping the trained batches, then serves later epochs
+    from the whole sampler again."""
+    steps = ModelCheckpoint(dirpath=str(tmp_path / "steps"), filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    reference, reference_seen = _fit(tmp_path / "ref", "auto", True, callbacks=[steps], num_workers=2)
+    state, seen = _fit(tmp_path / "resumed", "auto", True, ckpt_path=str(tmp_path / "steps" / "step=3.ckpt"),
+                       num_workers=2)
+    assert seen == reference_seen[3:]
+    _assert_bitwise_equal(reference, state, "step=3.ckpt, 2 persistent workers")
 
 
 def test_mark_epoch_end_completed_leaves_mid_epoch_states_alone():

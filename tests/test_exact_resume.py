@@ -275,6 +275,18 @@ def test_cli_adds_exact_resume_unless_turned_off(compose_cfg, overrides, expecte
     assert sum(isinstance(c, ExactResume) for c in callbacks) == expected
 
 
+def test_a_sampler_with_its_own_generator_is_left_alone_with_a_warning(tmp_path):
+    loader = _loader(1, True)
+    own = torch.Generator().manual_seed(7)
+    loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=own)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[ExactResume()],
+                        default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="RandomSampler has a generator of its own"):
+        trainer.fit(TinyRegressor(), loader)
+    assert loader.sampler.generator is own
+
+
 def test_bad_seed_is_refused():
     with pytest.raises(ValueError, match=r"seed='1'; valid: an integer"):
         ExactResume(seed="1")

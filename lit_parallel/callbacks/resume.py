@@ -85,7 +85,8 @@ def mark_epoch_end_completed(loops: dict[str, Any]) -> bool:
         return False
     batch, epoch = fit[_BATCH], fit[_EPOCH]
     current = batch["current"]
-    if not batch.get("is_last_batch") or current["processed"] == 0 or current["processed"] != current["started"]:
+    # Every batch fetched was processed (`started` lags behind when on_train_batch_start returned -1).
+    if not batch.get("is_last_batch") or current["processed"] == 0 or current["processed"] != current["ready"]:
         return False
     # on_train_batch_end: the batch is processed but not yet completed, and the logger's step not yet counted.
     if batch["total"]["completed"] < batch["total"]["processed"]:
@@ -111,7 +112,7 @@ def _inside_step(loops: dict[str, Any]) -> int | None:
     if batch is None:
         return None
     current = batch["current"]
-    return current["started"] - 1 if current["started"] != current["processed"] else None
+    return current["started"] - 1 if current["processed"] < current["started"] else None
 
 
 class ExactResume(Callback):
@@ -172,6 +173,11 @@ class ExactResume(Callback):
         checkpoint[CHECKPOINT_KEY] = states
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Runs before the checkpoint is loaded, whichever strategy restores it when.
+        self._resumed, self._loader_states, self._pending_rng = False, [], None
+
+    @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Callbacks load before the loops (Trainer._run: _restore_modules_and_callbacks, then
         # restore_training_state), so the loop state can still be corrected here.
@@ -220,7 +226,7 @@ class ExactResume(Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training or trainer.sanity_checking:
+        if trainer.state.fn == TrainerFn.FITTING:
             self._seed_val_loaders(trainer)  # the next validation's iterator is created before its hooks run
 
     @override
@@ -228,10 +234,6 @@ class ExactResume(Callback):
         if self._pending_rng is not None:
             restore_rng_state(self._pending_rng)
             self._pending_rng = None
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._resumed, self._loader_states, self._pending_rng = False, [], None
 
     def _base_seed(self) -> int:
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -298,11 +300,12 @@ class ExactResume(Callback):
                                f"stateful ones resume at batch {done} of the epoch, the others restart it.")
             iter(fetcher)
             return
-        unsized = [loader for loader in loaders if not isinstance(loader, DataLoader) or _is_iterable(loader)]
-        if unsized and done:
-            rank_zero_warn(f"Resuming at batch {done} of an epoch of an iterable train dataloader without "
-                           "state_dict/load_state_dict: it restarts the epoch from its first batch (NOT exact). "
-                           "Give it state_dict/load_state_dict (e.g. torchdata's StatefulDataLoader).")
+        unskippable = [loader for loader in loaders if not isinstance(loader, DataLoader) or _is_iterable(loader)]
+        if unskippable and done:
+            rank_zero_warn(f"Resuming at batch {done} of an epoch of a train dataloader that is neither a map-style "
+                           "DataLoader nor has state_dict/load_state_dict: it restarts the epoch from its first "
+                           "batch (NOT exact). Give it state_dict/load_state_dict (e.g. torchdata's "
+                           "StatefulDataLoader).")
             done = 0
         with _skip_batches(loaders, done):
             iter(fetcher)

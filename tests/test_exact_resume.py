@@ -31,7 +31,9 @@ SEED, SAMPLES, STEPS_PER_EPOCH, MAX_STEPS = 1, 64, 4, 12
 # Where each checkpoint of the reference run is taken (global step) and what it is.
 HPC_STEP = 5  # mid-epoch 1
 PROJECT_EVERY = 3  # lit-parallel's checkpoint_every_n_steps: 3 (mid-epoch 0), 6, 9
-PATHS = ("epoch_end", "last", "every_n_train_steps_mid", "every_n_train_steps_epoch_end", "hpc", "project_step")
+# Each checkpoint path and the global step its checkpoint was written at.
+PATHS = {"epoch_end": 8, "last": 8, "every_n_train_steps_mid": 6, "every_n_train_steps_epoch_end": 8, "hpc": HPC_STEP,
+         "project_step": PROJECT_EVERY}
 
 
 class TinyRegressor(L.LightningModule):
@@ -153,18 +155,17 @@ def _assert_bitwise_equal(reference: dict[str, torch.Tensor], resumed: dict[str,
         assert torch.equal(resumed[key], value), f"{what}: {key} differs by {(resumed[key] - value).abs().max()}"
 
 
-def _check_all_paths(tmp_path, strategy: str, shuffle: bool, world_size: int = 2, paths=PATHS) -> None:
-    results = run_distributed(_reference_and_resumes, world_size=world_size, args=(str(tmp_path), strategy, shuffle,
-                                                                                  paths),
+def _check_all_paths(tmp_path, strategy: str, shuffle: bool) -> None:
+    results = run_distributed(_reference_and_resumes, world_size=2, args=(str(tmp_path), strategy, shuffle, tuple(PATHS)),
                               init_process_group=False, timeout=600)
     (reference, reference_seen), resumed = results[0]
     assert len(reference_seen) == MAX_STEPS
-    for name in paths:
+    for name in PATHS:
         state, seen = resumed[name]
         steps = [step for _, _, step, _ in seen]
         # Resumed right after the checkpoint's step, every later step exactly once, on the same samples.
-        assert steps == list(range(steps[0], MAX_STEPS)), (name, steps)
-        assert seen == reference_seen[steps[0]:], name
+        assert steps == list(range(PATHS[name], MAX_STEPS)), (name, steps)
+        assert seen == reference_seen[PATHS[name]:], name
         _assert_bitwise_equal(reference, state, name)
 
 
@@ -282,7 +283,7 @@ def test_a_sampler_with_its_own_generator_is_left_alone_with_a_warning(tmp_path)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ExactResume()],
                         default_root_dir=str(tmp_path))
-    with pytest.warns(UserWarning, match="RandomSampler has a generator of its own"):
+    with pytest.warns(UserWarning, match="RandomSampler of a dataloader has a generator of its own"):
         trainer.fit(TinyRegressor(), loader)
     assert loader.sampler.generator is own
 

@@ -138,9 +138,6 @@ class ExactResume(Callback):
     Args:
         seed: base of the data-order generators; ``None`` takes ``PL_GLOBAL_SEED`` (set by
             ``seed_everything``) or 0, the seed Lightning gives its ``DistributedSampler``.
-        seed_dataloaders: give the train/validation DataLoaders and their samplers their own generators. Turn
-            off only to keep the global-RNG order of an existing single-process recipe; a shuffled
-            single-process loader then resumes mid-epoch in another order (a warning says so).
 
     Raises:
         ValueError: ``seed`` is not an integer.
@@ -151,15 +148,14 @@ class ExactResume(Callback):
         trainer.fit(model, DataLoader(dataset, batch_size=32, shuffle=True), ckpt_path="path/to/last.ckpt")
     """
 
-    def __init__(self, seed: int | None = None, seed_dataloaders: bool = True) -> None:
+    def __init__(self, seed: int | None = None) -> None:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed={seed!r}; valid: an integer, or None for PL_GLOBAL_SEED (seed_everything).")
         self.seed = seed
-        self.seed_dataloaders = bool(seed_dataloaders)
         self._pending_rng: dict[str, Any] | None = None
         self._resumed = False
         self._loader_states: list[dict[str, Any]] = []
-        self._ours: set[int] = set()  # ids of the generators this callback created
+        self._assigned: dict[int, torch.Generator] = {}  # id(loader or sampler) -> the generator given to it
         self._warned_foreign = False
 
     # -- checkpoint ---------------------------------------------------------------------------------------
@@ -238,27 +234,26 @@ class ExactResume(Callback):
     def _base_seed(self) -> int:
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
-    def _generator(self, seed: int) -> torch.Generator:
-        generator = torch.Generator().manual_seed(seed)
-        self._ours.add(id(generator))
-        return generator
+    def _assign(self, owner: Any, seed: int) -> bool:
+        """Give ``owner`` (a loader or sampler) a fresh generator, unless it holds one of its own."""
+        if owner.generator is not None and owner.generator is not self._assigned.get(id(owner)):
+            return False
+        owner.generator = self._assigned[id(owner)] = torch.Generator().manual_seed(seed)
+        return True
 
     def _seed_loader(self, loader: Any, seed: int) -> None:
-        if not self.seed_dataloaders or not isinstance(loader, DataLoader):
+        if not isinstance(loader, DataLoader):
             return
-        if loader.generator is None or id(loader.generator) in self._ours:
-            loader.generator = self._generator(seed)  # the iterator draws its worker base seed from it
+        self._assign(loader, seed)  # the iterator draws its workers' base seed from it
         samplers = {id(s): s for s in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)) if s is not None}
         for sampler in samplers.values():
             if not hasattr(sampler, "generator"):
                 continue  # DistributedSampler: its order is already a function of (seed, epoch)
-            if sampler.generator is None or id(sampler.generator) in self._ours:
-                sampler.generator = self._generator(seed)
-            elif not self._warned_foreign:
+            if not self._assign(sampler, seed) and not self._warned_foreign:
                 self._warned_foreign = True
-                rank_zero_warn(f"The train sampler {type(sampler).__name__} has a generator of its own; its state is "
-                               "not in checkpoints, so the data order after a resume differs from an uninterrupted "
-                               "run. Leave `generator` unset and ExactResume seeds it with seed + epoch.")
+                rank_zero_warn(f"The sampler {type(sampler).__name__} of a dataloader has a generator of its own; "
+                               "its state is not in checkpoints, so the data order after a resume differs from an "
+                               "uninterrupted run. Leave `generator` unset and ExactResume seeds it with seed + epoch.")
 
     def _train_loaders(self, trainer: pl.Trainer) -> list[Any]:
         combined = getattr(trainer.fit_loop, "_combined_loader", None)

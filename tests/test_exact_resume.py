@@ -28,7 +28,6 @@ from lit_parallel.callbacks.resume import mark_epoch_end_completed
 from lit_parallel.testing import run_distributed
 
 SEED, SAMPLES, STEPS_PER_EPOCH, MAX_STEPS = 1, 64, 4, 12
-# Where each checkpoint of the reference run is taken (global step) and what it is.
 HPC_STEP = 5  # mid-epoch 1
 PROJECT_EVERY = 3  # lit-parallel's checkpoint_every_n_steps: 3 (mid-epoch 0), 6, 9
 # Each checkpoint path and the global step its checkpoint was written at.
@@ -175,7 +174,7 @@ def _check_all_paths(tmp_path, strategy: str, shuffle: bool) -> None:
 def test_lightning_replays_a_batch_from_an_epoch_end_checkpoint_and_exact_resume_removes_it(tmp_path):
     """The issue's case with one process and no lit_parallel strategy: resume from ``epoch=1-step=8.ckpt``."""
     epochs = ModelCheckpoint(dirpath=str(tmp_path / "epochs"), every_n_epochs=1, save_top_k=-1)
-    reference, reference_seen = _fit(tmp_path / "ref", "auto", True, callbacks=[epochs], exact=False)
+    _fit(tmp_path / "ref", "auto", True, callbacks=[epochs], exact=False)
     checkpoint = str(tmp_path / "epochs" / "epoch=1-step=8.ckpt")
     state = torch.load(checkpoint, weights_only=True)["loops"]["fit_loop"]
     assert state["epoch_progress"]["current"]["processed"] == 2 and state["epoch_progress"]["current"]["completed"] == 1
@@ -196,9 +195,9 @@ def test_lightning_replays_a_batch_from_an_epoch_end_checkpoint_and_exact_resume
     _assert_bitwise_equal(reference, fixed, "epoch_end, 1 process")
 
 
-def test_single_process_shuffle_order_is_the_distributed_samplers():
+def test_single_process_shuffle_order_is_the_distributed_samplers(tmp_path):
     """A shuffled single-process loader follows ``randperm(seed + epoch)``, as Lightning's DistributedSampler."""
-    _, seen = _fit(Path("unused"), "auto", True, max_steps=2 * STEPS_PER_EPOCH)
+    _, seen = _fit(tmp_path, "auto", True, max_steps=2 * STEPS_PER_EPOCH)
     for epoch in range(2):
         order = [i for e, _, _, ids in seen if e == epoch for i in ids]
         assert order == torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(SEED + epoch)).tolist()

@@ -94,7 +94,7 @@ def _strategy(name: str):
 
 def _fit(root: Path, strategy: str, shuffle: bool, *, ckpt_path: str | None = None, max_steps: int = MAX_STEPS,
          callbacks: list[Callback] = (), exact: bool = True, world_size: int = 1, max_epochs: int | None = None,
-         validate_every: int | None = None, num_workers: int = 0):
+         validate_every: int | None = None, num_workers: int = 0, accumulate: int = 1):
     """One fit; returns (full fp32 state dict on global rank 0, the batches it trained)."""
     L.seed_everything(SEED, verbose=False)
     tensor_parallel = int(strategy.removeprefix("hybrid_tp")) if strategy.startswith("hybrid_tp") else 1
@@ -103,7 +103,7 @@ def _fit(root: Path, strategy: str, shuffle: bool, *, ckpt_path: str | None = No
     trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy=strategy_obj, max_steps=max_steps,
                         max_epochs=max_epochs, default_root_dir=str(root), logger=False, enable_progress_bar=False,
                         limit_val_batches=0 if validate_every is None else 2, val_check_interval=validate_every,
-                        enable_model_summary=False, enable_checkpointing=bool(callbacks),
+                        enable_model_summary=False, enable_checkpointing=bool(callbacks), accumulate_grad_batches=accumulate,
                         callbacks=[*([ExactResume()] if exact else []), *callbacks])
     dp = world_size // tensor_parallel
     trainer.fit(model, _loader(dp, shuffle, num_workers), _loader(dp, False) if validate_every else None,
@@ -229,6 +229,19 @@ def test_persistent_worker_loader_resumes_exactly_mid_epoch(tmp_path):
                        num_workers=2)
     assert seen == reference_seen[3:]
     _assert_bitwise_equal(reference, state, "step=3.ckpt, 2 persistent workers")
+
+
+def test_gradient_accumulation_resumes_exactly(tmp_path):
+    """``accumulate_grad_batches=2``: 2 optimizer steps per epoch; a step checkpoint mid-epoch (after 2 of 4
+    batches) and an epoch-end one."""
+    writers = [ModelCheckpoint(dirpath=str(tmp_path / "steps"), filename="{step}", every_n_train_steps=1, save_top_k=-1),
+               ModelCheckpoint(dirpath=str(tmp_path / "epochs"), every_n_epochs=1, save_top_k=-1)]
+    reference, reference_seen = _fit(tmp_path / "ref", "auto", True, callbacks=writers, max_steps=6, accumulate=2)
+    for name, batches_before in (("steps/step=1.ckpt", 2), ("epochs/epoch=0-step=2.ckpt", 4)):
+        state, seen = _fit(tmp_path / "resumed", "auto", True, ckpt_path=str(tmp_path / name), max_steps=6,
+                           accumulate=2)
+        assert seen == reference_seen[batches_before:], name
+        _assert_bitwise_equal(reference, state, name)
 
 
 def test_mark_epoch_end_completed_leaves_mid_epoch_states_alone():

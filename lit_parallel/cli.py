@@ -95,6 +95,17 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
 
 
+def _with_exact_resume(callbacks: list[Any], group: DictConfig | None) -> list[Any]:
+    """The callbacks with :class:`~lit_parallel.callbacks.ExactResume` first (its RNG restore then precedes the
+    other callbacks' batch hooks), also under ``callbacks=none``; ``callbacks.exact_resume=null`` turns it off."""
+    from lit_parallel.callbacks import ExactResume
+
+    turned_off = group is not None and "exact_resume" in group and group.exact_resume is None
+    if turned_off or any(isinstance(callback, ExactResume) for callback in callbacks):
+        return callbacks
+    return [ExactResume(), *callbacks]
+
+
 def _empty_init(value: Any, strategy: Any) -> bool:
     """``empty_init=auto``: build on the meta device whenever the hybrid strategy will split the model (it then
     materializes each rank's shards only); ``true`` / ``false`` force it.
@@ -233,7 +244,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     strategy = _build_strategy(cfg)
     summary = RunSummary(output_dir=str(output_dir))
-    callbacks = [*_instantiate_group(cfg.get("callbacks")), *_periodic_checkpoint(cfg, output_dir), summary]
+    callbacks = [*_with_exact_resume(_instantiate_group(cfg.get("callbacks")), cfg.get("callbacks")),
+                 *_periodic_checkpoint(cfg, output_dir), summary]
     if cfg.trainer.get("enable_model_summary", True):
         callbacks.append(ModelSummary())  # Lightning's, without the "Total FLOPs: 0" it never measured
     logger = CSVLogger(save_dir=str(output_dir), name="csv", version="")

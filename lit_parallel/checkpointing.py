@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lit_parallel.parallel.async_checkpoint import INCOMPLETE_SUFFIX
 from lit_parallel.parallel.safe_load import UnsafeCheckpointError, load_dcp_metadata, unsafe_globals
 from lit_parallel.parallel.sharded_checkpoint import META_FILE
 
@@ -37,8 +38,6 @@ __all__ = [
     "restore_rng_state",
 ]
 
-# Suffix of a checkpoint that is still being written (renamed away once complete on every rank).
-INCOMPLETE_SUFFIX = ".incomplete"
 _DCP_META = ".metadata"
 _LIGHTNING_META = META_FILE
 
@@ -115,7 +114,8 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
                 found.append(here)
             dirs[:] = []  # a checkpoint folder holds shards, not further checkpoints
             continue
-        found.extend(here / name for name in files if name.endswith(".ckpt"))
+        # A single-file checkpoint still being written (or whose writer died) is listed, and then skipped by name.
+        found.extend(here / name for name in files if name.endswith((".ckpt", ".ckpt" + INCOMPLETE_SUFFIX)))
     # Newest first; a folder's mtime changes on rename, so take the newest file inside it as well.
     return sorted(found, key=_mtime, reverse=True)
 

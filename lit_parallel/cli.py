@@ -135,20 +135,41 @@ def _build_strategy(cfg: DictConfig) -> Any:
     from hydra.utils import get_class, instantiate
 
     if not cfg.get("strategy"):
+        if cfg.get("async_checkpoint"):
+            raise ConfigurationError("async_checkpoint=true needs a strategy; valid: strategy=ddp, local_sgd, diloco, "
+                                     "lightning_ddp or hybrid (or async_checkpoint=false).")
         if cfg.get("compression"):
             raise ConfigurationError("compression needs a data-parallel strategy; valid: strategy=ddp or hybrid.")
         return "auto"
+    params = inspect.signature(get_class(cfg.strategy._target_).__init__).parameters
+    extra = _async_checkpoint_kwargs(cfg, params)
     compression = cfg.get("compression")
     if not compression or "_target_" not in compression:
-        return instantiate(cfg.strategy)
-    params = inspect.signature(get_class(cfg.strategy._target_).__init__).parameters
+        return instantiate(cfg.strategy, **extra)
     for key in ("compression", "gradient_compression"):
         if key in params:
-            return instantiate(cfg.strategy, **{key: instantiate(compression)})
+            return instantiate(cfg.strategy, **{key: instantiate(compression)}, **extra)
     raise ConfigurationError(
         f"compression={compression._target_.rsplit('.', 1)[-1]} needs a strategy that compresses gradients; "
         f"strategy {cfg.strategy._target_} does not (valid: strategy=ddp, hybrid, diloco)."
     )
+
+
+def _async_checkpoint_kwargs(cfg: DictConfig, params: Any) -> dict[str, Any]:
+    """``async_checkpoint: true``: the hybrid strategy's own option, or the DDP family's ``checkpoint_io``."""
+    value = cfg.get("async_checkpoint", False)
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"async_checkpoint={value!r}; valid: true or false.")
+    if not value:
+        return {}
+    if "async_checkpoint" in params:
+        return {"async_checkpoint": True}
+    if "checkpoint_io" in params:
+        from lit_parallel.plugins import AsyncAtomicCheckpointIO
+
+        return {"checkpoint_io": AsyncAtomicCheckpointIO()}
+    raise ConfigurationError(f"async_checkpoint=true: strategy {cfg.strategy._target_} takes neither async_checkpoint "
+                             "nor checkpoint_io; valid: strategy=ddp, local_sgd, diloco, lightning_ddp or hybrid.")
 
 
 def launch_id() -> str:
@@ -237,6 +258,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     _check_devices(cfg.trainer)
     output_dir = Path(cfg.output_dir).resolve()
+    if cfg.get("async_checkpoint"):
+        from lit_parallel.parallel.async_checkpoint import check_writable
+
+        check_writable(output_dir, "output_dir (checkpoints, async_checkpoint=true)")
     if cfg.get("threads_per_process"):
         torch.set_num_threads(int(cfg.threads_per_process))
     L.seed_everything(cfg.seed, workers=True, verbose=False)

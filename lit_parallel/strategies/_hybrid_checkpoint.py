@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lit_parallel.errors import ConfigurationError
+from lit_parallel.parallel.async_checkpoint import BackgroundCheckpointWriter
 from lit_parallel.parallel.local_sgd import DiLoCoState
 from lit_parallel.parallel.safe_load import safe_torch_load
 from lit_parallel.parallel.sharded_checkpoint import (
@@ -26,6 +27,7 @@ from lit_parallel.parallel.sharded_checkpoint import (
     DP_SYNC_FILE,
     DP_SYNC_SHARD_FILE,
     REPLICA_KEY,
+    async_save_sharded,
     load_sharded,
     read_meta,
     remove_path,
@@ -44,6 +46,35 @@ class ShardedCheckpointMixin:
     pipeline_schedule: str
     zero_stage: int
     _dp: Any  # DataParallelAxis
+
+    # -- asynchronous checkpoints (docs/fault_tolerance.md, "Asynchronous checkpoints") --------------------
+    def _init_async_checkpoint(self, async_checkpoint: bool) -> None:
+        if not isinstance(async_checkpoint, bool):
+            raise ConfigurationError(f"{type(self).__name__}(async_checkpoint={async_checkpoint!r}); valid: True or False.")
+        self.async_checkpoint = async_checkpoint
+        self._checkpoint_group: dist.ProcessGroup | None = None
+        self._checkpoint_writer = BackgroundCheckpointWriter(remove_path)
+
+    def _check_checkpoint_dirs(self: Any) -> None:
+        """With ``async_checkpoint``: refuse a checkpoint directory that cannot be written, before any collective."""
+        if self.async_checkpoint and self.lightning_module is not None:
+            from lit_parallel.plugins.async_checkpoint_io import check_checkpoint_dirs
+
+            check_checkpoint_dirs(self.lightning_module.trainer)
+
+    def _setup_async_checkpoint(self) -> None:
+        # DCP's planning collectives run on the background thread: on their own group, never interleaved with the
+        # training collectives of the default group (torch recommends a separate gloo group for async_save).
+        if self.async_checkpoint and self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+
+    def _finish_async_checkpoint(self) -> None:
+        self._checkpoint_writer.close()
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._checkpoint_writer.poll()  # a write that finished: run the deletions it held back
+        super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
 
     @override
     def lightning_module_state_dict(self: Any) -> dict[str, Any]:
@@ -94,6 +125,12 @@ class ShardedCheckpointMixin:
             dist.all_gather_object(states, self.compressor.state_dict())
             checkpoint[COMPRESSION_KEY] = states
         checkpoint["parallel_layout"] = self._layout()
+        if self.async_checkpoint:
+            self._checkpoint_writer.wait()  # one write in flight: the previous one is published first
+            self._checkpoint_writer.track(async_save_sharded(
+                path, state, checkpoint, is_writer=self.is_global_zero, barrier=self.barrier,
+                process_group=self._checkpoint_group, replica_key=replica_key, rank_files=rank_files))
+            return
         save_sharded(path, state, checkpoint, is_writer=self.is_global_zero, barrier=self.barrier,
                      replica_key=replica_key, rank_files=rank_files)
 
@@ -118,7 +155,8 @@ class ShardedCheckpointMixin:
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
-            remove_path(Path(filepath))
+            # With async_checkpoint, held back while a newer checkpoint is still being written.
+            self._checkpoint_writer.remove(Path(filepath))
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -131,6 +169,7 @@ class ShardedCheckpointMixin:
             set_optimizer_state_dict,
         )
 
+        self._checkpoint_writer.wait()  # a checkpoint of this run may still be in flight
         path = Path(checkpoint_path)
         meta = read_meta(path, type(self).__name__)
         saved_sync = (meta.get("parallel_layout") or {}).get("data_parallel_sync")

@@ -121,6 +121,10 @@ class RestartSafeDDPMixin:
 
     def setup_distributed(self: Any) -> None:
         self.set_world_ranks()
+        from lit_parallel.plugins.async_checkpoint_io import AsyncAtomicCheckpointIO, check_checkpoint_dirs
+
+        if isinstance(self.checkpoint_io, AsyncAtomicCheckpointIO):  # refused before any process-group work
+            check_checkpoint_dirs(self.lightning_module.trainer)
         connect(self.cluster_environment, self._get_process_group_backend(), self._timeout, self.root_device)
         super().setup_distributed()  # type: ignore[misc]  (finds the group initialized and keeps it)
 

@@ -144,6 +144,10 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
             remaining factor of dp replicates each shard (HSDP).
         activation_checkpointing: ``"none"``, ``"full"`` (every block recomputes its activations in backward)
             or ``"selective"`` (every second block); blocks are the model family's layers.
+        async_checkpoint: write checkpoints in the background (``torch.distributed.checkpoint.async_save`` on a
+            dedicated gloo group): ``save_checkpoint`` returns once the state is copied to CPU; the folder
+            appears under its final name when every rank has written, and deletions of older checkpoints wait
+            until then (docs/fault_tolerance.md, "Asynchronous checkpoints").
 
     Raises:
         ConfigurationError: for invalid sizes or names, before any process group is created.
@@ -178,8 +182,10 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
         zero_stage: int = 0,
         data_parallel_shard_size: int | Literal["auto"] = "auto",
         activation_checkpointing: Literal["none", "full", "selective"] = "none",
+        async_checkpoint: bool = False,
     ) -> None:
         super().__init__()
+        self._init_async_checkpoint(async_checkpoint)
         self._sharding = ShardingOptions(zero_stage, data_parallel_shard_size, activation_checkpointing)
         self.replica_check_every_n_steps = replica_check_interval(type(self).__name__, replica_check_every_n_steps)
         # Validate what can be validated without the world size or the model.
@@ -393,7 +399,9 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
         self._dp.check_backend(self._process_group_backend)
         reset_seed()
         self.set_world_ranks()
+        self._check_checkpoint_dirs()  # async_checkpoint: refuse an unwritable checkpoint directory here
         connect(self.cluster_environment, self._process_group_backend, self._timeout, self.root_device)
+        self._setup_async_checkpoint()  # collective: the dedicated checkpoint group
         self._device_mesh = build_mesh(self.dims, self.root_device.type)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
@@ -584,6 +592,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
     @override
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
+        self._finish_async_checkpoint()  # the pending background write published, older checkpoints deleted
         self._dp.close_exchange()
         module = self.lightning_module
         if module is not None and self._layer_sync is not None and module.trainer.state.fn == TrainerFn.FITTING:

@@ -219,7 +219,7 @@ def _rotation_run(tmp: str, name: str):
     _hold_writes()
     _RELEASE.set()  # the step-3 write goes through
     root = Path(tmp) / "ckpt"
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     watch = _WatchRotation(root)
     rotate = ModelCheckpoint(dirpath=str(root), filename="{step}", every_n_train_steps=3, save_top_k=1,
                              monitor="step", mode="max")

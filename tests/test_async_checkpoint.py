@@ -357,6 +357,26 @@ def test_cli_refuses_an_unwritable_output_dir(compose_cfg, tmp_path):
         train(cfg)
 
 
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["strategy=hybrid"], "hybrid"), (["strategy=ddp"], "io"), (["strategy=diloco"], "io"),
+    (["strategy=lightning_ddp"], "io"), (["strategy=ddp", "async_checkpoint=maybe"], "async_checkpoint='maybe'"),
+])
+def test_cli_wires_async_checkpoint_into_every_strategy(compose_cfg, overrides, expected):
+    from lit_parallel.cli import _build_strategy
+    from lit_parallel.plugins import AsyncAtomicCheckpointIO
+
+    cfg = compose_cfg("recipe=mnist_debug", "async_checkpoint=true", *overrides)
+    if expected not in ("hybrid", "io"):
+        with pytest.raises(ConfigurationError, match=expected):
+            _build_strategy(cfg)
+        return
+    strategy = _build_strategy(cfg)
+    if expected == "hybrid":
+        assert strategy.async_checkpoint is True
+    else:
+        assert isinstance(strategy.checkpoint_io, AsyncAtomicCheckpointIO)
+
+
 def test_stage_to_cpu_copies_everything_training_could_change():
     weight = torch.ones(3)
     state = {"w": weight, "groups": [{"lr": 0.1, "params": [0]}], "steps": (weight.view(3, 1),)}

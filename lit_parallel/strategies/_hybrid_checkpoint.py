@@ -126,6 +126,9 @@ class ShardedCheckpointMixin:
             checkpoint[COMPRESSION_KEY] = states
         checkpoint["parallel_layout"] = self._layout()
         if self.async_checkpoint:
+            if self._checkpoint_group is None:
+                raise RuntimeError(f"{type(self).__name__}: async_checkpoint was turned on after setup; its process "
+                                   "group is created in setup_environment (pass async_checkpoint=True at construction).")
             self._checkpoint_writer.wait()  # one write in flight: the previous one is published first
             self._checkpoint_writer.track(async_save_sharded(
                 path, state, checkpoint, is_writer=self.is_global_zero, barrier=self.barrier,

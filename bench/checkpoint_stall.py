@@ -196,6 +196,11 @@ def main() -> None:
         del model, optimizer
     dist.destroy_process_group()
     RESULTS.parent.mkdir(exist_ok=True)
+    # Each run replaces its own rows (model, format, mode) and keeps the others.
+    mine = {(r["model"], r["format"], r["mode"]) for r in rows}
+    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    rows = [r for r in old if (r["model"], r["format"], r["mode"]) not in mine] + rows
+    rows.sort(key=lambda r: (list(MODELS).index(r["model"]), r["format"], r["mode"] == "async"))
     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
     print(_table(rows))
 

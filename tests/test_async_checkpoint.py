@@ -387,6 +387,19 @@ def test_stage_to_cpu_copies_everything_training_could_change():
     assert staged["groups"][0]["lr"] == 0.1
 
 
+def test_stage_to_cpu_keeps_tied_weights_one_storage(tmp_path):
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight  # tied, as SmolLM2's embedding and head
+    state = model.state_dict()
+    staged = async_checkpoint.stage_to_cpu(state)
+    assert staged["0.weight"].untyped_storage().data_ptr() == staged["1.weight"].untyped_storage().data_ptr()
+    assert staged["0.weight"].untyped_storage().data_ptr() != state["0.weight"].untyped_storage().data_ptr()
+    async_checkpoint.save_file_atomic(staged, tmp_path / "staged.ckpt")
+    async_checkpoint.save_file_atomic(state, tmp_path / "direct.ckpt")  # the same writer, without staging
+    assert (tmp_path / "staged.ckpt").stat().st_size == (tmp_path / "direct.ckpt").stat().st_size
+    _assert_identical(torch.load(tmp_path / "direct.ckpt"), torch.load(tmp_path / "staged.ckpt"))
+
+
 def test_failed_write_keeps_the_checkpoints_it_would_have_rotated_out(tmp_path):
     old = tmp_path / "old.ckpt"
     old.write_bytes(b"x")

@@ -43,31 +43,46 @@ def incomplete_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(path.name + INCOMPLETE_SUFFIX)
 
 
-def stage_to_cpu(obj: Any) -> Any:
+def stage_to_cpu(obj: Any, _memo: dict[Any, Any] | None = None) -> Any:
     """A copy of ``obj`` that training can no longer change: every tensor copied to new CPU memory.
 
-    Dicts, lists and tuples are rebuilt (their types kept), tensors are detached and copied (also CPU tensors:
-    ``.to("cpu")`` would return the same tensor, which the optimizer keeps updating in place), anything else is
-    deep-copied. Lightning's ``AsyncCheckpointIO`` clones tensors only and keeps the rest by reference; torch's
-    DCP stagers take DCP state dicts, not a Lightning checkpoint with arbitrary callback state.
+    Dicts, lists and tuples are rebuilt (their types kept), tensors are copied (also CPU tensors: ``.to("cpu")``
+    would return the same tensor, which the optimizer keeps updating in place), anything else is deep-copied.
+    Tensors that share a storage (tied weights: ``state_dict()`` returns one detached tensor per name) share
+    their copy, so the file is as large as a synchronous ``torch.save`` of ``obj``, which also writes each storage
+    once. Lightning's ``AsyncCheckpointIO`` clones tensors only, one by one, and keeps the rest by reference;
+    torch's DCP stagers take DCP state dicts, not a Lightning checkpoint with arbitrary callback state.
 
     Example::
 
         staged = stage_to_cpu(checkpoint)   # training may step right after this returns
     """
+    memo: dict[Any, Any] = {} if _memo is None else _memo
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return _stage_tensor(obj, memo)
     if isinstance(obj, dict):
         staged = copy.copy(obj)  # keeps OrderedDict and friends
         for key, value in obj.items():
-            staged[key] = stage_to_cpu(value)
+            staged[key] = stage_to_cpu(value, memo)
         return staged
     if isinstance(obj, list):
-        return [stage_to_cpu(v) for v in obj]
+        return [stage_to_cpu(v, memo) for v in obj]
     if isinstance(obj, tuple):
-        values = [stage_to_cpu(v) for v in obj]
+        values = [stage_to_cpu(v, memo) for v in obj]
         return type(obj)(*values) if hasattr(obj, "_fields") else type(obj)(values)
     return copy.deepcopy(obj)
+
+
+def _stage_tensor(tensor: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
+    tensor = tensor.detach()
+    if tensor.layout != torch.strided or type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return tensor.to("cpu", copy=True)  # sparse, quantized, subclasses: copied on their own
+    storage = tensor.untyped_storage()
+    key = (tensor.device, storage.data_ptr(), storage.nbytes())
+    staged = memo.get(key)
+    if staged is None:
+        staged = memo[key] = storage.cpu() if tensor.device.type != "cpu" else storage.clone()
+    return torch.empty(0, dtype=tensor.dtype).set_(staged, tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 def save_file_atomic(obj: Any, path: str | os.PathLike[str]) -> None:

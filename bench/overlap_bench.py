@@ -1,4 +1,4 @@
-"""Communication overlap on 2 emulated nodes x 2 ranks: flat vs hierarchical, blocking vs async, DiLoCo vs streaming.
+"""Communication overlap on 2 emulated nodes x 2 ranks (issue 16): all methods side by side, one run.
 
 Run (root, Linux, iproute2), one workload per command, then the plot from both files::
 
@@ -107,7 +107,7 @@ BASELINE: dict[str, str | None] = {
 }
 METHODS = tuple(BASELINE)
 PROBE = "topology_probe"
-PROBE_MB = 4  # per transfer of the topology probe
+PROBE_MB = 16  # per transfer of the topology probe (well above the tbf burst, so its rate is the link's)
 
 
 # -- one rank ---------------------------------------------------------------------------------------------
@@ -154,7 +154,8 @@ def _build(args: argparse.Namespace, work: Workload, world: int, ranks_per_node:
 
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4,
                                             start_powerSGD_iter=max(2, warmup))
-        hook = powerSGD_hook.powerSGD_hook if method == "torch_powersgd" else powerSGD_hook.batched_powerSGD_hook
+        batched = method == "torch_batched_powersgd"
+        hook = powerSGD_hook.batched_powerSGD_hook if batched else powerSGD_hook.powerSGD_hook
         ddp.register_comm_hook(state, hook)
         return _Method(ddp)
     if method in ("torch_periodic_averager", "torch_hierarchical_averager"):
@@ -183,7 +184,8 @@ def _build(args: argparse.Namespace, work: Workload, world: int, ranks_per_node:
         from lit_parallel.compression import Hierarchical
 
         name, kwargs = HIERARCHICAL[method]
-        compressor = Hierarchical(outer=get_compressor(name, warmup_steps=warmup, **kwargs), node_size=ranks_per_node)
+        outer = get_compressor(name, warmup_steps=warmup, **kwargs)
+        compressor = Hierarchical(outer=outer, node_size=ranks_per_node)
         if hasattr(compressor, "setup_groups"):
             compressor.setup_groups([list(range(world))])
         ddp.register_comm_hook(*compressor.ddp_comm_hook(model))
@@ -419,11 +421,12 @@ def plot_step_time_vs_bandwidth(rows: Sequence[dict], output: str | Path) -> Pat
     models = sorted({r["model"] for r in ok}, key=lambda m: MODELS.index(m) if m in MODELS else len(MODELS))
     fig, axes = plt.subplots(1, len(models), figsize=(6.0 * len(models), 4.4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        for i, method in enumerate(m for m in METHODS if any(r["method"] == m and r["model"] == model for r in ok)):
+        for i, method in enumerate(METHODS):  # a method keeps its colour in every panel and file
             points = sorted((8 * rate_bytes(r["rate"]) / 1e6, r["step_ms"]) for r in ok
                             if r["method"] == method and r["model"] == model)
-            ax.plot(*zip(*points, strict=True), marker="o", markersize=4, label=method,
-                    color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=4, label=method,
+                        color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
         rates = sorted({8 * rate_bytes(r["rate"]) / 1e6 for r in ok if r["model"] == model})
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -49,8 +49,8 @@ the median of local SGD / DiLoCo skips), the speed-up of the median against the 
 (:data:`BASELINE`), test accuracy of rank 0's model after the last step, payload bytes per step (what
 the compressor handed to collectives; DDP: its gradient bytes; ``n/a`` where torch does not count),
 inter-node wire bytes per step (each node's link ``tx_bytes``, averaged over the nodes: TCP/IP headers
-and gloo framing included), and for every method the peak and total of both (DiLoCo: peak bytes per sync
-and total bytes). A method that crashes, hangs or runs past ``--timeout`` becomes a row with its first
+and gloo framing included), and for every method the peak of both over the timed steps and their total
+over all steps (DiLoCo: peak bytes per sync and total bytes). A method that crashes, hangs or runs past ``--timeout`` becomes a row with its first
 error line (``bench/_runner.py``). Prints a markdown table and writes the rows as JSON; ``--plot`` draws
 step time against inter-node bandwidth from such files.
 """
@@ -283,10 +283,10 @@ def _worker(args: argparse.Namespace) -> None:
             "mean_step_ms": 1e3 * statistics.mean(times[measured]),
             "train_s": sum(times) + finish_s,
             "payload_mb": statistics.mean(payload[measured]) / 1e6 if counted else None,
-            "payload_peak_mb": max(payload) / 1e6 if counted else None,
+            "payload_peak_mb": max(payload[measured]) / 1e6 if counted else None,
             "payload_total_mb": sum(payload) / 1e6 if counted else None,
             "wire_mb": statistics.mean(statistics.mean(w[measured]) for w in per_node) / 1e6,
-            "wire_peak_mb": max(max(w) for w in per_node) / 1e6,
+            "wire_peak_mb": max(max(w[measured]) for w in per_node) / 1e6,
             "wire_total_mb": statistics.mean(sum(w) for w in per_node) / 1e6,
             "test_acc": acc,
         }))
@@ -377,7 +377,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     for r in rows:
         head = f"| {r['model']} | {r['rate']} | {r['method']} |"
         if "error" in r:
-            lines.append(f"{head} {r['error'][:160]} | | | | | | | |")
+            lines.append(f"{head} {r['error'][:240]} | | | | | | | |")
             continue
         base_name = BASELINE.get(r["method"])
         base = ok.get((r["model"], r["rate"], base_name)) if base_name else r

@@ -414,6 +414,7 @@ def plot_step_time_vs_bandwidth(rows: Sequence[dict], output: str | Path) -> Pat
 
     matplotlib.use("Agg")  # files only
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
 
     ok = [r for r in rows if "error" not in r]
     if not ok:
@@ -425,13 +426,15 @@ def plot_step_time_vs_bandwidth(rows: Sequence[dict], output: str | Path) -> Pat
             points = sorted((8 * rate_bytes(r["rate"]) / 1e6, r["step_ms"]) for r in ok
                             if r["method"] == method and r["model"] == model)
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", markersize=4, label=method,
+                ax.plot(*zip(*points, strict=True), marker="osD^v<>pPX*"[i % 11], markersize=5, label=method,
                         color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
         rates = sorted({8 * rate_bytes(r["rate"]) / 1e6 for r in ok if r["model"] == model})
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(rates, [f"{x / 1000:g} Gbit/s" if x >= 1000 else f"{x:g} Mbit/s" for x in rates])
         ax.minorticks_off()
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # labels also within one decade
+        ax.yaxis.set_major_formatter(ScalarFormatter())
         workload = next(r["workload"] for r in ok if r["model"] == model)
         ranks = next(f"{r['nodes']} nodes x {r['ranks_per_node']} ranks" for r in ok if r["model"] == model)
         ax.set_title(f"{workload}\n{ranks}", fontsize=9)

@@ -40,7 +40,8 @@ rank, raw ``torch.nn.parallel.DistributedDataParallel`` on gloo. Methods (``--me
 - ``hier_powersgd``, ``hier_exact``: ``Hierarchical(outer=PowerSGD(rank=4) | NoCompression(),
   node_size=ranks_per_node)`` (:data:`HIERARCHICAL`);
 - ``diloco``, ``streaming_diloco``: ``DiLoCoState(params, sync_every=H, ...)`` stepped after every
-  optimizer step, streaming with 4 fragments (:data:`DILOCO`); both send every parameter once per H steps.
+  optimizer step; streaming: 4 fragments, each exchange applied 1 inner step after its launch
+  (:data:`DILOCO`); both send every parameter once per H steps.
 
 The compressors and torch's PowerSGD run ``--warmup`` steps of exact all-reduce first; the averagers
 start averaging after ``--warmup`` steps. Reported per method, by rank 0 unless said otherwise: median and
@@ -50,7 +51,8 @@ the median of local SGD / DiLoCo skips), the speed-up of the median against the 
 the compressor handed to collectives; DDP: its gradient bytes; ``n/a`` where torch does not count),
 inter-node wire bytes per step (each node's link ``tx_bytes``, averaged over the nodes: TCP/IP headers
 and gloo framing included), and for every method the peak of both over the timed steps and their total
-over all steps (DiLoCo: peak bytes per sync and total bytes). A method that crashes, hangs or runs past ``--timeout`` becomes a row with its first
+over all steps; DiLoCo rows also hold the state's own ``sync_stats`` (exchanges, peak bytes per
+sync, total bytes). A method that crashes, hangs or runs past ``--timeout`` becomes a row with its first
 error line (``bench/_runner.py``). Prints a markdown table and writes the rows as JSON; ``--plot`` draws
 step time against inter-node bandwidth from such files.
 """
@@ -83,7 +85,7 @@ HOOK_KWARGS = {"powersgd_blocking": {"blocking": True}, "powersgd_async": {"bloc
 # ``Hierarchical(outer=get_compressor(name, warmup_steps=..., **kwargs), node_size=ranks_per_node)``.
 HIERARCHICAL = {"hier_powersgd": ("powersgd", {"rank": 4}), "hier_exact": ("none", {})}
 # ``DiLoCoState(params, sync_every=H, outer_lr=..., outer_momentum=..., compressor=..., **kwargs)``.
-DILOCO: dict[str, dict[str, Any]] = {"diloco": {}, "streaming_diloco": {"fragments": 4}}
+DILOCO: dict[str, dict[str, Any]] = {"diloco": {}, "streaming_diloco": {"fragments": 4, "overlap_steps": 1}}
 
 
 def TORCH_HIERARCHY(sync_every: int, ranks_per_node: int, world: int) -> OrderedDict[int, int]:  # noqa: N802
@@ -120,12 +122,14 @@ class _Method:
         after_step: called after every optimizer step (model averaging, DiLoCo's outer step).
         payload: bytes handed to collectives since the last call, ``None`` where nobody counts them.
         finish: called once after the last step (an exchange still in flight).
+        extra: fields of the method's own for the result row, read after ``finish``.
     """
 
     net: Any
     after_step: Callable[[], None] = lambda: None
     payload: Callable[[], int | None] = lambda: None
     finish: Callable[[], None] = lambda: None
+    extra: Callable[[], dict[str, Any]] = dict
 
 
 def _build(args: argparse.Namespace, work: Workload, world: int, ranks_per_node: int) -> _Method:
@@ -143,8 +147,14 @@ def _build(args: argparse.Namespace, work: Workload, world: int, ranks_per_node:
         compressor = get_compressor("none")
         state = DiLoCoState(params, sync_every=args.sync_every, outer_lr=args.outer_lr,
                             outer_momentum=args.outer_momentum, compressor=compressor, **DILOCO[method])
+        stats = state.sync_stats  # the exchanges' own count, by the state
+
+        def sync_fields() -> dict[str, Any]:
+            return {"syncs": stats.syncs, "sync_peak_mb": stats.peak_bytes / 1e6,
+                    "sync_total_mb": stats.total_bytes / 1e6}
+
         return _Method(model, lambda: state.step(params, group), lambda: compressor.pop_stats().bytes_sent,
-                       state.close)
+                       state.close, sync_fields)
     ddp = DistributedDataParallel(model)
     if method == "ddp":
         grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -289,6 +299,7 @@ def _worker(args: argparse.Namespace) -> None:
             "wire_peak_mb": max(max(w[measured]) for w in per_node) / 1e6,
             "wire_total_mb": statistics.mean(sum(w) for w in per_node) / 1e6,
             "test_acc": acc,
+            **method.extra(),
         }))
     dist.barrier()
     dist.destroy_process_group()

@@ -43,18 +43,18 @@ rank, raw ``torch.nn.parallel.DistributedDataParallel`` on gloo. Methods (``--me
   optimizer step; streaming: 4 fragments, each exchange applied 1 inner step after its launch
   (:data:`DILOCO`); both send every parameter once per H steps.
 
-The compressors and torch's PowerSGD run ``--warmup`` steps of exact all-reduce first; the averagers
-start averaging after ``--warmup`` steps. Reported per method, by rank 0 unless said otherwise: median and
-mean step time of the steps after ``--warmup + 1`` (the mean includes the periodic synchronizations that
-the median of local SGD / DiLoCo skips), the speed-up of the median against the method's baseline
-(:data:`BASELINE`), test accuracy of rank 0's model after the last step, payload bytes per step (what
-the compressor handed to collectives; DDP: its gradient bytes; ``n/a`` where torch does not count),
-inter-node wire bytes per step (each node's link ``tx_bytes``, averaged over the nodes: TCP/IP headers
-and gloo framing included), and for every method the peak of both over the timed steps and their total
-over all steps; DiLoCo rows also hold the state's own ``sync_stats`` (exchanges, peak bytes per
-sync, total bytes). A method that crashes, hangs or runs past ``--timeout`` becomes a row with its first
-error line (``bench/_runner.py``). Prints a markdown table and writes the rows as JSON; ``--plot`` draws
-step time against inter-node bandwidth from such files.
+The compressors and torch's PowerSGD run ``--warmup`` steps of exact all-reduce first; the averagers start
+averaging after ``--warmup`` steps. Reported per method, by rank 0 unless said otherwise: median and mean
+step time of the steps after ``--warmup + 1`` (the mean includes the periodic synchronizations that the
+median of local SGD / DiLoCo skips), the speed-up of the median against the method's baseline
+(:data:`BASELINE`), test accuracy of rank 0's model after the last step, payload bytes per step (what the
+compressor handed to collectives; DDP: its gradient bytes; ``n/a`` where torch does not count), inter-node
+wire bytes per step (each node's link ``tx_bytes``, averaged over the nodes: TCP/IP headers and gloo framing
+included), and for every method the peak of both over the timed steps and their total over all steps;
+hierarchical rows also hold the inter-node part of the payload; DiLoCo rows also hold the state's own
+``sync_stats`` (exchanges, peak bytes per sync, total bytes). A method that crashes, hangs or runs past
+``--timeout`` becomes a row with its first error line (``bench/_runner.py``). Prints a markdown table and
+writes the rows as JSON; ``--plot`` draws step time against inter-node bandwidth from such files.
 """
 
 from __future__ import annotations
@@ -120,14 +120,16 @@ class _Method:
     Attributes:
         net: what the batches go through (the DDP wrapper, or the model itself).
         after_step: called after every optimizer step (model averaging, DiLoCo's outer step).
-        payload: bytes handed to collectives since the last call, ``None`` where nobody counts them.
+        payload: bytes handed to collectives since the last call: a number, the compressor's popped
+            ``CommStats`` (a hierarchical one also splits off ``inter_node_bytes_sent``), or ``None``
+            where nobody counts them.
         finish: called once after the last step (an exchange still in flight).
         extra: fields of the method's own for the result row, read after ``finish``.
     """
 
     net: Any
     after_step: Callable[[], None] = lambda: None
-    payload: Callable[[], int | None] = lambda: None
+    payload: Callable[[], Any] = lambda: None
     finish: Callable[[], None] = lambda: None
     extra: Callable[[], dict[str, Any]] = dict
 
@@ -153,8 +155,7 @@ def _build(args: argparse.Namespace, work: Workload, world: int, ranks_per_node:
             return {"syncs": stats.syncs, "sync_peak_mb": stats.peak_bytes / 1e6,
                     "sync_total_mb": stats.total_bytes / 1e6}
 
-        return _Method(model, lambda: state.step(params, group), lambda: compressor.pop_stats().bytes_sent,
-                       state.close, sync_fields)
+        return _Method(model, lambda: state.step(params, group), compressor.pop_stats, state.close, sync_fields)
     ddp = DistributedDataParallel(model)
     if method == "ddp":
         grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -204,7 +205,7 @@ def _build(args: argparse.Namespace, work: Workload, world: int, ranks_per_node:
         ddp.register_comm_hook(*compressor.ddp_comm_hook(model, None, **HOOK_KWARGS[method]))
     else:
         raise AssertionError(f"method {method!r} has no builder")  # main() accepts only METHODS
-    return _Method(ddp, compressor.step, lambda: compressor.pop_stats().bytes_sent)
+    return _Method(ddp, compressor.step, compressor.pop_stats)
 
 
 def _probe(args: argparse.Namespace, rank: int, world: int, ranks_per_node: int, interface: str) -> None:
@@ -253,7 +254,7 @@ def _worker(args: argparse.Namespace) -> None:
         return
     work = Workload(args, rank, world)
     method = _build(args, work, world, ranks_per_node)
-    times, payload, wire = [], [], []
+    times, payload, inter_payload, wire = [], [], [], []
     dist.barrier()
     for step in range(args.steps):
         tx0, t0 = tx_bytes(interface), time.perf_counter()
@@ -266,7 +267,9 @@ def _worker(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
         report_progress(step + 1)
         wire.append(tx_bytes(interface) - tx0)
-        payload.append(method.payload())
+        stats = method.payload()
+        payload.append(getattr(stats, "bytes_sent", stats))
+        inter_payload.append(getattr(stats, "inter_node_bytes_sent", None))
     t0 = time.perf_counter()
     method.finish()
     finish_s = time.perf_counter() - t0
@@ -295,6 +298,8 @@ def _worker(args: argparse.Namespace) -> None:
             "payload_mb": statistics.mean(payload[measured]) / 1e6 if counted else None,
             "payload_peak_mb": max(payload[measured]) / 1e6 if counted else None,
             "payload_total_mb": sum(payload) / 1e6 if counted else None,
+            "inter_node_payload_mb": (statistics.mean(inter_payload[measured]) / 1e6
+                                      if None not in inter_payload else None),
             "wire_mb": statistics.mean(statistics.mean(w[measured]) for w in per_node) / 1e6,
             "wire_peak_mb": max(max(w[measured]) for w in per_node) / 1e6,
             "wire_total_mb": statistics.mean(sum(w) for w in per_node) / 1e6,
@@ -377,7 +382,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     """The rows as one markdown table: workload x link rate x method.
 
     Speed-up: the baseline's median step time over the method's (:data:`BASELINE`). Failed methods show
-    their status in the step-time column.
+    their status in the step-time column; hierarchical rows add the inter-node part of their payload.
     """
     lines = [
         "| workload | link | method | median step ms | mean step ms | speed-up | test acc | payload MB/step "
@@ -393,9 +398,12 @@ def markdown_table(rows: Sequence[dict]) -> str:
         base_name = BASELINE.get(r["method"])
         base = ok.get((r["model"], r["rate"], base_name)) if base_name else r
         speedup = f"{base['step_ms'] / r['step_ms']:.2f}x vs {base_name or 'itself'}" if base else "n/a"
+        payload = _fmt(r["payload_mb"], ".3f")
+        if r.get("inter_node_payload_mb") is not None:
+            payload += f" (inter-node {r['inter_node_payload_mb']:.3f})"
         lines.append(
             f"{head} {r['step_ms']:.1f} | {r['mean_step_ms']:.1f} | {speedup} | {100 * r['test_acc']:.2f} % | "
-            f"{_fmt(r['payload_mb'], '.3f')} | {r['wire_mb']:.3f} | "
+            f"{payload} | {r['wire_mb']:.3f} | "
             f"{_fmt(r['payload_peak_mb'], '.3f')} / {r['wire_peak_mb']:.3f} | "
             f"{_fmt(r['payload_total_mb'], '.1f')} / {r['wire_total_mb']:.1f} |"
         )

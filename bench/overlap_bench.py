@@ -34,7 +34,7 @@ rank, raw ``torch.nn.parallel.DistributedDataParallel`` on gloo. Methods (``--me
   averages parameters over all ranks every ``--sync-every`` steps;
 - ``torch_hierarchical_averager``: local SGD (``post_localSGD_hook`` without gradient all-reduce) with
   ``HierarchicalModelAverager``: parameters averaged inside the node every ``--sync-every / 4`` steps and
-  over all ranks every ``--sync-every`` steps (:data:`TORCH_HIERARCHY`);
+  over all ranks every ``--sync-every`` steps (:func:`torch_hierarchy`);
 - ``powersgd_blocking``, ``powersgd_async``: our ``PowerSGD(rank=4)`` hook,
   ``ddp_comm_hook(model, None, blocking=True|False)``;
 - ``hier_powersgd``, ``hier_exact``: ``Hierarchical(outer=PowerSGD(rank=4) | NoCompression(),
@@ -79,7 +79,8 @@ from _workload import MODELS, Workload  # noqa: E402
 
 STAR = Star(prefix="lpo", subnet="10.214.0", port=29655)  # apart from comm_bench.py's lpb-* namespaces
 
-# The APIs under construction for issue 16, in one place so that their names can follow the merge.
+# The APIs of issue 16 in one place, so that their names can follow a merge (the async hooks and Streaming
+# DiLoCo are on main; ``Hierarchical`` is on its way: until then its rows fail with the ImportError).
 # Our compressors' DDP hook: keyword arguments of ``compressor.ddp_comm_hook(model, None, **...)``.
 HOOK_KWARGS = {"powersgd_blocking": {"blocking": True}, "powersgd_async": {"blocking": False}}
 # ``Hierarchical(outer=get_compressor(name, warmup_steps=..., **kwargs), node_size=ranks_per_node)``.
@@ -88,7 +89,7 @@ HIERARCHICAL = {"hier_powersgd": ("powersgd", {"rank": 4}), "hier_exact": ("none
 DILOCO: dict[str, dict[str, Any]] = {"diloco": {}, "streaming_diloco": {"fragments": 4, "overlap_steps": 1}}
 
 
-def TORCH_HIERARCHY(sync_every: int, ranks_per_node: int, world: int) -> OrderedDict[int, int]:  # noqa: N802
+def torch_hierarchy(sync_every: int, ranks_per_node: int, world: int) -> OrderedDict[int, int]:
     """``HierarchicalModelAverager``'s ``period_group_size_dict``: the node every H/4 steps, all every H."""
     return OrderedDict([(max(1, sync_every // 4), ranks_per_node), (sync_every, world)])
 
@@ -187,7 +188,7 @@ def _build(args: argparse.Namespace, work: Workload, world: int, ranks_per_node:
         else:
             hook_state = PostLocalSGDState(process_group=None, subgroup=None, start_localSGD_iter=warmup,
                                            post_local_gradient_allreduce=False)
-            averager = HierarchicalModelAverager(TORCH_HIERARCHY(args.sync_every, ranks_per_node, world),
+            averager = HierarchicalModelAverager(torch_hierarchy(args.sync_every, ranks_per_node, world),
                                                  warmup_steps=warmup)
         ddp.register_comm_hook(hook_state, post_localSGD_hook)
         return _Method(ddp, lambda: averager.average_parameters(model.parameters()))

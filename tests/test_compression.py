@@ -214,4 +214,4 @@ def test_state_round_trip_and_pickling():
     hook_state, _ = PowerSGD().ddp_comm_hook(nn.Linear(2, 2), group=dist.GroupMember.WORLD)
     restored = pickle.loads(pickle.dumps(hook_state))
     assert isinstance(restored, DDPHookState) and restored.process_group is None
-    assert set(COMPRESSORS) == {"none", "fp16", "bf16", "int8", "topk", "powersgd", "onebit"}
+    assert set(COMPRESSORS) == {"none", "fp16", "bf16", "int8", "topk", "powersgd", "onebit", "hierarchical"}

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lit_parallel.compression import COMPRESSORS, Compressor, NoCompression, resolve_compressor
+from lit_parallel.compression import COMPRESSORS, Compressor, Hierarchical, NoCompression, resolve_compressor
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.strategies._launch import RestartSafeDDPMixin, check_replicas_now, replica_check_interval
 
@@ -117,6 +117,12 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
                 f"{world_size} process; valid: devices * num_nodes >= 2, or no compression."
             )
         super().setup_environment()
+        # Collective (new_group): every rank, now that the process group exists. The dp group is the world.
+        ranks = [list(range(self.world_size))]
+        if isinstance(self.compressor, Hierarchical):
+            self.compressor.setup_groups(ranks, default_node_size=len(self.parallel_devices or []) or None)
+        else:
+            self.compressor.setup_groups(ranks)
 
     @override
     def _register_ddp_hooks(self) -> None:

@@ -22,7 +22,7 @@ from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lit_parallel.compression import Compressor, get_compressor
+from lit_parallel.compression import Compressor, Hierarchical, get_compressor
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.local_sgd import LocalSGDState, check_sync_every
 from lit_parallel.strategies._launch import (
@@ -132,6 +132,12 @@ class LocalSGDStrategy(RestartSafeDDPMixin, DDPStrategy):
         assert self.model is not None
         _sync_module_states(self.model)
         self._sync_group = self._create_sync_group()
+        # The compressor's own groups (collective, every rank); the dp group is the world.
+        ranks = [list(range(self.world_size))]
+        if isinstance(self._compressor, Hierarchical):
+            self._compressor.setup_groups(ranks, default_node_size=len(self.parallel_devices or []) or None)
+        else:
+            self._compressor.setup_groups(ranks)
         self._state = self._build_state(self._parameters())
 
     @override

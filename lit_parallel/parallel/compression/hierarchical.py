@@ -392,12 +392,28 @@ class Hierarchical(Compressor):
             ConfigurationError: another compressor type or configuration (the outer's included), or a node size
                 other than the one in use (checked at :meth:`setup_groups` when that comes later).
         """
+        config = state.get("config", {})
+        if state.get("type") == type(self).__name__ and config != self.config():
+            saved = _describe(config)
+            raise ConfigurationError(
+                f"the checkpoint's compression state is {saved} but the configured compressor is {self!r}; configure "
+                f"{saved} to resume, or start without the checkpoint's compression state."
+            )
         super().load_state_dict(state)
         self.outer.load_state_dict(state["outer"])
         saved = state.get("node_size_in_use")
         if saved is not None and self.node_size_in_use is not None and saved != self.node_size_in_use:
             raise self._node_size_mismatch(saved, self.node_size_in_use)
         self._saved_node_size = saved
+
+
+def _describe(config: dict[str, Any]) -> str:
+    """``Hierarchical(outer=PowerSGD(rank=2, ...), node_size=2)`` from a saved :meth:`Hierarchical.config`."""
+    outer = config.get("outer")
+    if outer is not None:
+        outer = dict(outer)
+        outer = f"{outer.pop('type', '?')}({', '.join(f'{k}={v!r}' for k, v in outer.items())})"
+    return f"Hierarchical(outer={outer}, node_size={config.get('node_size')!r})"
 
 
 def _resolve_outer(outer: Compressor | str | None) -> Compressor:

@@ -352,15 +352,19 @@ def _strategy_checks() -> dict[str, Any]:
     def hier(**kwargs: Any) -> Hierarchical:
         return Hierarchical(node_size=NODE, **kwargs)
 
+    def used(compressor: Hierarchical) -> tuple[int | None, int, bool]:
+        stats = compressor.pop_stats()
+        return compressor.node_size_in_use, stats.calls, stats.intra_node_bytes_sent > 0 < stats.inter_node_bytes_sent
+
     out: dict[str, Any] = {}
     ddp = CompressedDDPStrategy(compression=hier())
-    out["ddp"] = (_fit(DDPStrategy())[0], _fit(ddp)[0], ddp.compressor.node_size_in_use)
+    out["ddp"] = (_fit(DDPStrategy())[0], _fit(ddp)[0], *used(ddp.compressor))
     default = CompressedDDPStrategy(compression=Hierarchical(outer="powersgd"))  # node size: devices per node (4)
     out["ddp_default"] = (_fit(default)[1], default.compressor.node_size_in_use)
     hybrid = HybridParallelStrategy(gradient_compression=hier())
-    out["hybrid"] = (_fit(HybridParallelStrategy())[0], _fit(hybrid)[0], hybrid.compressor.node_size_in_use)
+    out["hybrid"] = (_fit(HybridParallelStrategy())[0], _fit(hybrid)[0], *used(hybrid.compressor))
     diloco = DiLoCoStrategy(sync_every=2, compression=hier())
-    out["diloco"] = (_fit(DiLoCoStrategy(sync_every=2))[0], _fit(diloco)[0], diloco.compressor.node_size_in_use)
+    out["diloco"] = (_fit(DiLoCoStrategy(sync_every=2))[0], _fit(diloco)[0], *used(diloco.compressor))
     return out
 
 
@@ -370,11 +374,12 @@ def strategies() -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ddp", "hybrid", "diloco"])
-def test_strategy_with_exact_hierarchical_equals_flat(strategies, name):
+@pytest.mark.parametrize("name, calls", [("ddp", STEPS), ("hybrid", STEPS), ("diloco", STEPS // 2)])
+def test_strategy_with_exact_hierarchical_equals_flat(strategies, name, calls):
     for result in strategies:
-        flat, hier, node_size = result[name]
-        assert node_size == NODE
+        flat, hier, node_size, hier_calls, both_links = result[name]
+        # The hierarchical exchange ran (one bucket per step; DiLoCo: one per round) over both kinds of link.
+        assert (node_size, hier_calls, both_links) == (NODE, calls, True)
         assert not torch.equal(flat, _initial())  # it trained
         assert (hier - flat).abs().max() <= 1e-6, (name, (hier - flat).abs().max())
         assert torch.equal(hier, strategies[0][name][1])  # replicas bitwise identical

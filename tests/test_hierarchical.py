@@ -32,6 +32,7 @@ from lit_parallel.compression import (
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.models import ImageClassifier, mlp
 from lit_parallel.parallel.compression.hierarchical import assign_owners, plan_hierarchy
+from lit_parallel.parallel.local_sgd import DiLoCo
 from lit_parallel.testing import run_distributed
 
 WORLD, NODE = 4, 2
@@ -365,6 +366,16 @@ def _strategy_checks() -> dict[str, Any]:
     out["hybrid"] = (_fit(HybridParallelStrategy())[0], _fit(hybrid)[0], *used(hybrid.compressor))
     diloco = DiLoCoStrategy(sync_every=2, compression=hier())
     out["diloco"] = (_fit(DiLoCoStrategy(sync_every=2))[0], _fit(diloco)[0], *used(diloco.compressor))
+    # The overlapped round runs the compressor in a background thread, on the groups made at setup.
+    overlapped = DiLoCoStrategy(sync_every=2, overlap=True, compression=hier())
+    out["diloco_overlap"] = (_fit(DiLoCoStrategy(sync_every=2, overlap=True))[0], _fit(overlapped)[0],
+                             *used(overlapped.compressor))
+    sync = HybridParallelStrategy(data_parallel_sync=DiLoCo(sync_every=2), gradient_compression=hier())
+    out["hybrid_diloco"] = (_fit(HybridParallelStrategy(data_parallel_sync=DiLoCo(sync_every=2)))[0], _fit(sync)[0],
+                            *used(sync.compressor))
+    zero1 = HybridParallelStrategy(zero_stage=1, data_parallel_shard_size=2, gradient_compression=hier())
+    out["hybrid_zero1"] = (_fit(HybridParallelStrategy(zero_stage=1, data_parallel_shard_size=2))[0], _fit(zero1)[0],
+                           *used(zero1.compressor))
     return out
 
 
@@ -374,7 +385,8 @@ def strategies() -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, calls", [("ddp", STEPS), ("hybrid", STEPS), ("diloco", STEPS // 2)])
+@pytest.mark.parametrize("name, calls", [("ddp", STEPS), ("hybrid", STEPS), ("hybrid_zero1", STEPS),
+                                         ("diloco", STEPS // 2), ("hybrid_diloco", STEPS // 2)])
 def test_strategy_with_exact_hierarchical_equals_flat(strategies, name, calls):
     for result in strategies:
         flat, hier, node_size, hier_calls, both_links = result[name]
@@ -383,6 +395,16 @@ def test_strategy_with_exact_hierarchical_equals_flat(strategies, name, calls):
         assert not torch.equal(flat, _initial())  # it trained
         assert (hier - flat).abs().max() <= 1e-6, (name, (hier - flat).abs().max())
         assert torch.equal(hier, strategies[0][name][1])  # replicas bitwise identical
+
+
+@pytest.mark.slow
+def test_overlapped_diloco_round_through_hierarchical(strategies):
+    # overlap=True applies each round's average one round late: round 1's exchange completes at round 2.
+    for result in strategies:
+        flat, hier, node_size, calls, both_links = result["diloco_overlap"]
+        assert (node_size, calls, both_links) == (NODE, STEPS // 2, True)
+        assert not torch.equal(flat, _initial())
+        assert (hier - flat).abs().max() <= 1e-6
 
 
 @pytest.mark.slow

@@ -180,7 +180,7 @@ def test_error_feedback_carries_the_residual(two_ranks):
 @pytest.mark.parametrize(
     "make, needle",
     [
-        (lambda: get_compressor("gzip"), "'gzip' is unknown; valid: ['bf16', 'fp16', 'int8', 'none'"),
+        (lambda: get_compressor("gzip"), "'gzip' is unknown; valid: ['bf16', 'fp16', 'hierarchical', 'int8', 'none'"),
         (lambda: PowerSGD(rank=0), "PowerSGD(rank=0): rank must be an integer >= 1"),
         (lambda: PowerSGD(rank=1.5), "rank=1.5"),
         (lambda: TopK(ratio=0.0), "TopK(ratio=0.0): ratio must be a number in (0, 1]"),

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_parallel import CompressedDDPStrategy, DiLoCoStrategy, HybridParallelStrategy
@@ -185,8 +186,33 @@ def _exact_checks() -> dict[str, Any]:
     return out
 
 
+def _ddp_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 24), torch.nn.ReLU(),
+                               torch.nn.Linear(24, 4))
+
+
+def _ddp_train(blocking: bool) -> torch.Tensor:
+    model = _ddp_net()
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.002)  # several buckets
+    compressor = Hierarchical(outer=PowerSGD(rank=2, warmup_steps=1), node_size=NODE)
+    compressor.setup_groups(ALL)
+    ddp.register_comm_hook(*compressor.ddp_comm_hook(model, blocking=blocking))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(100 + dist.get_rank())
+    for _ in range(4):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(torch.randn(8, 12, generator=gen)),
+                                          torch.randint(0, 4, (8,), generator=gen)).backward()
+        optimizer.step()
+        compressor.step()
+    compressor.close()
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
 def _checks() -> dict[str, Any]:
-    return {"exact": _exact_checks(), "powersgd": _powersgd_checks(steps=5, resume_at=2)}
+    return {"exact": _exact_checks(), "powersgd": _powersgd_checks(steps=5, resume_at=2),
+            "ddp_hook": (_ddp_train(blocking=True), _ddp_train(blocking=False))}
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +350,19 @@ def test_powersgd_resume_is_exact(powersgd):
         for got, expected in zip(resumed, result["hier"][2:], strict=True):
             assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
         assert "saved with 2 ranks per node, this run has node_size=1" in result["mismatch"]
+
+
+def test_ddp_hook_async_equals_blocking(results):
+    # The asynchronous hook runs the hierarchical exchange (three groups' collectives) on the compressor's thread.
+    for result in results:
+        blocking, overlapped = result["ddp_hook"]
+        assert torch.equal(blocking, overlapped)
+        assert torch.equal(overlapped, results[0]["ddp_hook"][1])  # replicas
+    assert not torch.equal(results[0]["ddp_hook"][0], _ddp_initial())
+
+
+def _ddp_initial() -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(_ddp_net().parameters()).detach().clone()
 
 
 # -- 4 ranks: the strategies --------------------------------------------------------------------------

@@ -222,7 +222,7 @@ class Hierarchical(Compressor):
 
     def __getstate__(self) -> dict[str, Any]:
         # Process groups do not pickle and mean nothing in another process: setup_groups makes them anew.
-        return {**self.__dict__, "_plans": {}}
+        return {**super().__getstate__(), "_plans": {}}
 
     # -- groups -------------------------------------------------------------------------------------
     def setup_groups(self, group_ranks: list[list[int]], *, default_node_size: int | None = None) -> None:

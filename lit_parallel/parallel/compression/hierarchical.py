@@ -170,7 +170,8 @@ class Hierarchical(Compressor):
     1. Several ranks per node and a slow network between nodes (Ethernet between GPU servers): the inter-node
        bytes per node drop ``k``-fold against a flat all-reduce, before any compression.
     2. Add ``outer=PowerSGD(...)`` (or ``Int8``, ...) to cut the inter-node bytes further; the node-local
-       steps stay exact, so the compressor's error is that of ``n`` participants, not ``n * k``.
+       steps stay exact, so the compressor approximates the average of ``n`` node means, not of ``n * k``
+       gradients.
     3. With one node, or one rank per node, it is the outer compressor alone.
 
     Args:

@@ -226,6 +226,7 @@ def exact(results) -> list[dict[str, Any]]:
     return [rank["exact"] for rank in results]
 
 
+@pytest.mark.slow
 def test_exact_equals_flat_all_reduce(exact):
     for name in SHAPES:
         for rank in exact:
@@ -241,6 +242,7 @@ def test_exact_equals_flat_all_reduce(exact):
             assert all(torch.equal(a, b) for a, b in zip(rank[(name, False)][0], exact[0][(name, False)][0], strict=True))
 
 
+@pytest.mark.slow
 def test_bytes_by_link(exact):
     for rank, result in enumerate(exact):
         stats = result["stats"]
@@ -251,6 +253,7 @@ def test_bytes_by_link(exact):
         assert stats.bytes_uncompressed == 30 * 4 and stats.calls == 1
 
 
+@pytest.mark.slow
 def test_degenerate_topologies(exact):
     numel = sum(torch.Size(s).numel() for s in SHAPES["unequal"])
     for rank, result in enumerate(exact):
@@ -324,6 +327,7 @@ def powersgd(results) -> list[dict[str, Any]]:
     return [rank["powersgd"] for rank in results]
 
 
+@pytest.mark.slow
 def test_powersgd_between_nodes_equals_reference(powersgd):
     steps = len(powersgd[0]["hier"])
     for step in range(steps):
@@ -343,6 +347,7 @@ def test_powersgd_between_nodes_equals_reference(powersgd):
     assert powersgd[0]["inter"] == [88 * 4] + [(18 + 10 * 2 + 7 * 2) * 4] * (steps - 1)
 
 
+@pytest.mark.slow
 def test_powersgd_resume_is_exact(powersgd):
     for result in powersgd:
         resumed = result["resumed"]
@@ -352,6 +357,7 @@ def test_powersgd_resume_is_exact(powersgd):
         assert "saved with 2 ranks per node, this run has node_size=1" in result["mismatch"]
 
 
+@pytest.mark.slow
 def test_ddp_hook_async_equals_blocking(results):
     # The asynchronous hook runs the hierarchical exchange (three groups' collectives) on the compressor's thread.
     for result in results:

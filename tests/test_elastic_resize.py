@@ -240,7 +240,7 @@ def test_ddp_dp2_checkpoint_resumes_on_four_ranks_with_less_accumulation(tmp_pat
 @pytest.mark.slow
 def test_hybrid_tp2_dp2_checkpoint_resumes_on_tp2_dp1(tmp_path):
     reference = _reference(tmp_path, 4, GLOBAL_BATCH // 2, tensor_parallel=2)
-    checkpoint = str(tmp_path / "ref" / "ckpt" / f"step={CKPT_STEP}")
+    checkpoint = str(tmp_path / "ref" / "ckpt" / f"step={CKPT_STEP}.ckpt")
     resumed = _gathered(run_distributed(_run, world_size=2, init_process_group=False, timeout=300,
                                         args=(str(tmp_path / "tp2dp1"), GLOBAL_BATCH // 2,
                                               {"tensor_parallel": 2, "ckpt_path": checkpoint})))

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lit_parallel.callbacks import ElasticResume
+from lit_parallel.data import ResumableDataLoader, trainer_batch_position
 from lit_parallel.data.global_batch import GlobalBatchSampler, global_batch_indices
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.testing import DistributedRunError, run_distributed
@@ -46,10 +47,13 @@ class TinyMLP(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def _loader(batch_size: int) -> DataLoader:
+def _loader(batch_size: int, trainer: L.Trainer, stateful: bool = False) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(SAMPLES, 4, generator=g), torch.randn(SAMPLES, 1, generator=g),
                          torch.arange(SAMPLES))
+    if stateful:  # the datamodules' loader: its saved position counts micro-batches, rescaled on a resize
+        return ResumableDataLoader(data, batch_size=batch_size, shuffle=True,
+                                   position=lambda: trainer_batch_position(trainer))
     return DataLoader(data, batch_size=batch_size, shuffle=True)
 
 
@@ -62,7 +66,7 @@ def _strategy(tensor_parallel: int, devices: int):
 
 
 def _fit(root: str, batch_size: int, *, tensor_parallel: int = 1, accumulate: int = 1, ckpt_path: str | None = None,
-         write_checkpoints: bool = False, max_steps: int = MAX_STEPS, **elastic):
+         write_checkpoints: bool = False, max_steps: int = MAX_STEPS, stateful: bool = False, **elastic):
     """One fit; returns (full parameters on global rank 0, the micro-batches this rank trained)."""
     L.seed_everything(SEED, verbose=False)
     devices = int(os.environ.get("WORLD_SIZE", 1))
@@ -75,7 +79,7 @@ def _fit(root: str, batch_size: int, *, tensor_parallel: int = 1, accumulate: in
                         max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=write_checkpoints,
                         accumulate_grad_batches=accumulate, callbacks=callbacks)
-    trainer.fit(model, _loader(batch_size), ckpt_path=ckpt_path)
+    trainer.fit(model, _loader(batch_size, trainer, stateful), ckpt_path=ckpt_path)
     if hasattr(trainer.strategy, "export_state_dict"):
         state = trainer.strategy.export_state_dict()
     else:
@@ -217,10 +221,11 @@ def _reference(tmp_path: Path, world_size: int, batch_size: int, **kwargs) -> tu
 
 
 @pytest.mark.slow
-def test_ddp_dp2_checkpoint_resumes_on_one_process_with_accumulation_2(tmp_path):
-    reference = _reference(tmp_path, 2, GLOBAL_BATCH // 2)
+@pytest.mark.parametrize("stateful", [False, True], ids=["DataLoader", "ResumableDataLoader"])
+def test_ddp_dp2_checkpoint_resumes_on_one_process_with_accumulation_2(tmp_path, stateful):
+    reference = _reference(tmp_path, 2, GLOBAL_BATCH // 2, stateful=stateful)
     with pytest.warns(UserWarning, match="random state of 2 ranks, this run has 1"):
-        state, seen = _fit(str(tmp_path / "dp1"), GLOBAL_BATCH // 2,
+        state, seen = _fit(str(tmp_path / "dp1"), GLOBAL_BATCH // 2, stateful=stateful,
                            ckpt_path=str(tmp_path / "ref" / "ckpt" / f"step={CKPT_STEP}.ckpt"))
     assert [step for step, _, _ in seen] == [s for s in range(CKPT_STEP, MAX_STEPS) for _ in range(2)]
     _assert_resized_run_follows(reference, (state, [seen]))

@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.data import sized_len
+from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -31,6 +32,7 @@ from typing_extensions import override
 
 from lit_parallel.callbacks.resume import ExactResume
 from lit_parallel.data.global_batch import GlobalBatchSampler
+from lit_parallel.data.resumable import ResumableDataLoader
 from lit_parallel.errors import ConfigurationError
 
 __all__ = ["ElasticResume"]
@@ -65,7 +67,8 @@ class ElasticResume(ExactResume):
         ConfigurationError: ``global_batch_size`` is not a positive integer. During ``fit``: the global batch is
             not a multiple of per-rank batch × dp (all three named); the checkpoint's global batch differs from
             the configured one (both named, and how to override); a train loader without ``batch_size``, with an
-            iterable dataset or with a sampler other than random, sequential or distributed.
+            iterable dataset, with a sampler other than random, sequential or distributed, or stateful other than
+            :class:`~lit_parallel.data.ResumableDataLoader`.
 
     Example::
 
@@ -177,6 +180,8 @@ class ElasticResume(ExactResume):
                          "data_parallel_size": dp, "accumulate_grad_batches": accumulation}
         if self._resumed and old != accumulation:
             self._rescale_position(trainer, old, accumulation)
+            self._loader_states = [{"batches_done": int(state.get("batches_done", 0)) // old * accumulation}
+                                   for state in self._loader_states]  # ResumableDataLoader's (the only stateful one)
         epoch = trainer.fit_loop.epoch_progress.current.processed
         for loader in loaders:
             sampler = GlobalBatchSampler(len(loader.dataset), batch, dp, rank, accumulation, self._base_seed(),
@@ -196,6 +201,10 @@ class ElasticResume(ExactResume):
         if isinstance(loader.dataset, IterableDataset):
             raise ConfigurationError("ElasticResume needs a map-style dataset (its order is a permutation of "
                                      f"indices); got the iterable {type(loader.dataset).__name__}.")
+        if isinstance(loader, _Stateful) and not isinstance(loader, ResumableDataLoader):
+            raise ConfigurationError(f"ElasticResume replaces the train loader's index sampler; the stateful "
+                                     f"{type(loader).__name__} keeps a position of its own that it cannot rescale. "
+                                     "Valid: a plain DataLoader or lit_parallel's ResumableDataLoader.")
         ElasticResume._shuffled(loader.sampler)
 
     @staticmethod

@@ -10,6 +10,8 @@ parameters equal within 1e-5 (fp32; only the order of float sums differs).
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -57,7 +59,12 @@ def _loader(batch_size: int, trainer: L.Trainer, stateful: bool = False) -> Data
     return DataLoader(data, batch_size=batch_size, shuffle=True)
 
 
-def _strategy(tensor_parallel: int, devices: int):
+def _strategy(tensor_parallel: int, devices: int, compressed: bool = False):
+    if compressed:
+        from lit_parallel import CompressedDDPStrategy
+        from lit_parallel.parallel.compression import PowerSGD
+
+        return CompressedDDPStrategy(compression=PowerSGD(rank=1, warmup_steps=2))
     if tensor_parallel > 1:
         from lit_parallel import HybridParallelStrategy
 
@@ -66,7 +73,8 @@ def _strategy(tensor_parallel: int, devices: int):
 
 
 def _fit(root: str, batch_size: int, *, tensor_parallel: int = 1, accumulate: int = 1, ckpt_path: str | None = None,
-         write_checkpoints: bool = False, max_steps: int = MAX_STEPS, stateful: bool = False, **elastic):
+         write_checkpoints: bool = False, max_steps: int = MAX_STEPS, stateful: bool = False, compressed: bool = False,
+         **elastic):
     """One fit; returns (full parameters on global rank 0, the micro-batches this rank trained)."""
     L.seed_everything(SEED, verbose=False)
     devices = int(os.environ.get("WORLD_SIZE", 1))
@@ -75,7 +83,7 @@ def _fit(root: str, batch_size: int, *, tensor_parallel: int = 1, accumulate: in
     if write_checkpoints:
         callbacks.append(ModelCheckpoint(dirpath=str(Path(root) / "ckpt"), filename="{step}",
                                          every_n_train_steps=2, save_top_k=-1))
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=_strategy(tensor_parallel, devices),
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=_strategy(tensor_parallel, devices, compressed),
                         max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=write_checkpoints,
                         accumulate_grad_batches=accumulate, callbacks=callbacks)
@@ -250,6 +258,31 @@ def test_hybrid_tp2_dp2_checkpoint_resumes_on_tp2_dp1(tmp_path):
                                         args=(str(tmp_path / "tp2dp1"), GLOBAL_BATCH // 2,
                                               {"tensor_parallel": 2, "ckpt_path": checkpoint})))
     _assert_resized_run_follows(reference, resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+def test_compressed_ddp_dp2_checkpoint_resumes_on_four_ranks_with_fresh_compression_memory(tmp_path):
+    """PowerSGD's per-rank error feedback cannot be split: it starts afresh (a warning says so); the resized run
+    still trains the same samples in every step (its losses differ: compression is lossy). Compression needs two
+    ranks, so the resize goes up: dp=2 × accumulation 2 → dp=4."""
+    _, ref_seen = _reference(tmp_path, 2, 2, accumulate=2, compressed=True)
+    checkpoint = str(tmp_path / "ref" / "ckpt" / f"step={CKPT_STEP}.ckpt")
+    results = run_distributed(_run_warned, world_size=4, init_process_group=False, timeout=300,
+                              args=(str(tmp_path / "dp4"), 2, {"accumulate": 2, "compressed": True,
+                                                               "ckpt_path": checkpoint}))
+    assert any(re.search(r"holds compression state of 2 ranks but the run has world_size=4; PowerSGD.* starts "
+                         r"afresh", warning) for warning in results[0][2])
+    want, got = _steps(ref_seen), _steps([seen for _, seen, _ in results])
+    assert sorted(got) == list(range(CKPT_STEP, MAX_STEPS))
+    assert all(got[step][1] == want[step][1] for step in got)
+
+
+def _run_warned(root: str, batch_size: int, kwargs: dict) -> tuple:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state, seen = _fit(root, batch_size, **kwargs)
+    return state, seen, [str(w.message) for w in caught]
 
 
 @pytest.mark.slow

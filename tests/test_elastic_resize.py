@@ -221,6 +221,31 @@ def test_same_layout_resumes_bitwise_from_mid_epoch_and_epoch_end(tmp_path):
             assert torch.equal(state[key], value), (step, key)
 
 
+def test_order_survives_dataloaders_reloaded_every_epoch(tmp_path):
+    """``reload_dataloaders_every_n_epochs=1`` builds new loaders at each epoch: they get the sampler again."""
+    L.seed_everything(SEED, verbose=False)
+    model = _Reloading()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=MAX_STEPS, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accumulate_grad_batches=2,
+                        reload_dataloaders_every_n_epochs=1, callbacks=[ElasticResume()],
+                        default_root_dir=str(tmp_path))
+    trainer.fit(model)
+    assert model.loaders_built == 2
+    want = [s for epoch in (0, 1) for s in global_batch_indices(SAMPLES, 8, seed=SEED, epoch=epoch)][:MAX_STEPS]
+    got = _steps([model.seen])
+    assert [got[step][1] for step in range(MAX_STEPS)] == [sorted(s) for s in want]
+
+
+class _Reloading(TinyMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaders_built = 0
+
+    def train_dataloader(self):
+        self.loaders_built += 1
+        return _loader(4, self.trainer)
+
+
 # -- (a)-(c) resized runs --------------------------------------------------------------------------------------
 def _reference(tmp_path: Path, world_size: int, batch_size: int, **kwargs) -> tuple:
     results = run_distributed(_run, world_size=world_size, init_process_group=False, timeout=300,

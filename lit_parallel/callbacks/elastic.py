@@ -120,10 +120,14 @@ class ElasticResume(ExactResume):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
+        loaders = self._train_loaders(trainer)
+        reloaded = [loader for loader in loaders if not isinstance(getattr(loader, "batch_sampler", None),
+                                                                       GlobalBatchSampler)]
+        if reloaded and self._current is not None:  # reload_dataloaders_every_n_epochs built new loaders
+            self._wrap(trainer, reloaded)
         epoch = trainer.fit_loop.epoch_progress.current.processed
-        for loader in self._train_loaders(trainer):
-            if isinstance(getattr(loader, "batch_sampler", None), GlobalBatchSampler):
-                loader.batch_sampler.set_epoch(epoch)
+        for loader in loaders:
+            loader.batch_sampler.set_epoch(epoch)  # the iterator of this epoch is created after this hook
 
     def _layout(self, trainer: pl.Trainer) -> tuple[int, int]:
         kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
@@ -162,10 +166,10 @@ class ElasticResume(ExactResume):
 
     def _install(self, trainer: pl.Trainer, loaders: list[Any]) -> None:
         """Replace every train loader's index sampler by this rank's :class:`GlobalBatchSampler`."""
-        dp, rank = self._layout(trainer)
-        batches = {loader.batch_size for loader in loaders if isinstance(loader, DataLoader)}
         for loader in loaders:
             self._check_loader(loader)
+        dp, _ = self._layout(trainer)
+        batches = {loader.batch_size for loader in loaders}
         if len(batches) != 1:
             raise ConfigurationError(f"The train loaders have batch sizes {sorted(batches)}; ElasticResume needs one "
                                      "per-rank batch size for all of them.")
@@ -182,9 +186,20 @@ class ElasticResume(ExactResume):
             self._rescale_position(trainer, old, accumulation)
             self._loader_states = [{"batches_done": int(state.get("batches_done", 0)) // old * accumulation}
                                    for state in self._loader_states]  # ResumableDataLoader's (the only stateful one)
+        self._wrap(trainer, loaders)
+
+    def _wrap(self, trainer: pl.Trainer, loaders: list[Any]) -> None:
+        """Give each loader this rank's sampler of this run's layout; also for loaders reloaded at an epoch."""
+        current = self._current
+        dp, rank = self._layout(trainer)
         epoch = trainer.fit_loop.epoch_progress.current.processed
         for loader in loaders:
-            sampler = GlobalBatchSampler(len(loader.dataset), batch, dp, rank, accumulation, self._base_seed(),
+            self._check_loader(loader)
+            if loader.batch_size != current["per_rank_batch_size"]:
+                raise ConfigurationError(f"A reloaded train loader has batch_size={loader.batch_size}; this run "
+                                         f"trains per-rank batches of {current['per_rank_batch_size']}.")
+            sampler = GlobalBatchSampler(len(loader.dataset), current["per_rank_batch_size"], dp, rank,
+                                         current["accumulate_grad_batches"], self._base_seed(),
                                          self._shuffled(loader.sampler))
             sampler.set_epoch(epoch)
             if getattr(loader, "_iterator", None) is not None:

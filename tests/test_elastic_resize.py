@@ -110,11 +110,11 @@ def _steps(ranks_seen: list[list[tuple[int, float, list[int]]]]) -> dict[int, tu
     return {step: (sum(v) / len(v), sorted(samples[step])) for step, v in losses.items()}
 
 
-def _assert_resized_run_follows(reference, resumed) -> None:
+def _assert_resized_run_follows(reference, resumed, checkpoint_step: int = CKPT_STEP) -> None:
     (ref_state, ref_seen), (state, seen) = reference, resumed
     want, got = _steps(ref_seen), _steps(seen)
     assert sorted(want) == list(range(MAX_STEPS))
-    assert sorted(got) == list(range(CKPT_STEP, MAX_STEPS))
+    assert sorted(got) == list(range(checkpoint_step, MAX_STEPS))
     for step in got:
         assert got[step][1] == want[step][1], f"step {step} trained other samples"
         assert len(got[step][1]) == GLOBAL_BATCH
@@ -256,12 +256,14 @@ def _reference(tmp_path: Path, world_size: int, batch_size: int, **kwargs) -> tu
 @pytest.mark.slow
 @pytest.mark.parametrize("stateful", [False, True], ids=["DataLoader", "ResumableDataLoader"])
 def test_ddp_dp2_checkpoint_resumes_on_one_process_with_accumulation_2(tmp_path, stateful):
+    """Step 4 is mid-epoch; step 6 the end of epoch 0 (ExactResume's epoch-end rewrite, then the rescale)."""
     reference = _reference(tmp_path, 2, GLOBAL_BATCH // 2, stateful=stateful)
-    with pytest.warns(UserWarning, match="random state of 2 ranks, this run has 1"):
-        state, seen = _fit(str(tmp_path / "dp1"), GLOBAL_BATCH // 2, stateful=stateful,
-                           ckpt_path=str(tmp_path / "ref" / "ckpt" / f"step={CKPT_STEP}.ckpt"))
-    assert [step for step, _, _ in seen] == [s for s in range(CKPT_STEP, MAX_STEPS) for _ in range(2)]
-    _assert_resized_run_follows(reference, (state, [seen]))
+    for step in (CKPT_STEP, 6):
+        with pytest.warns(UserWarning, match="random state of 2 ranks, this run has 1"):
+            state, seen = _fit(str(tmp_path / f"dp1_{step}"), GLOBAL_BATCH // 2, stateful=stateful,
+                               ckpt_path=str(tmp_path / "ref" / "ckpt" / f"step={step}.ckpt"))
+        assert [s for s, _, _ in seen] == [s for s in range(step, MAX_STEPS) for _ in range(2)]
+        _assert_resized_run_follows(reference, (state, [seen]), step)
 
 
 @pytest.mark.slow

@@ -204,6 +204,17 @@ def test_checkpoint_with_another_global_batch_is_refused_saying_both_and_how_to_
     assert [step for step, _, _ in seen] == [2, 2, 3, 3]
 
 
+def test_checkpoint_without_a_global_batch_record_is_resumed_with_a_warning(tmp_path):
+    _fit(str(tmp_path / "ref"), 4, write_checkpoints=True, max_steps=2)
+    checkpoint = torch.load(tmp_path / "ref" / "ckpt" / "step=2.ckpt", weights_only=True)
+    del checkpoint["elastic"]  # as written by ExactResume alone
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    with pytest.warns(UserWarning, match=r"holds no global batch \(it was written without ElasticResume\): this run "
+                                         r"trains global batches of 4"):
+        _, seen = _fit(str(tmp_path / "resumed"), 4, ckpt_path=str(tmp_path / "plain.ckpt"), max_steps=3)
+    assert [step for step, _, _ in seen] == [2]
+
+
 def test_bad_global_batch_size_is_refused():
     with pytest.raises(ConfigurationError, match=r"global_batch_size=0; valid: a positive integer"):
         ElasticResume(global_batch_size=0)

@@ -58,8 +58,8 @@ class ElasticResume(ExactResume):
     Args:
         seed: base of the data order (``randperm(n, generator=seed + epoch)``); ``None`` takes
             ``PL_GLOBAL_SEED`` or 0.
-        global_batch_size: samples per optimizer step over all ranks; ``None`` derives it from the first run's
-            loader, dp and accumulation, then keeps the checkpoint's.
+        global_batch_size: samples per optimizer step over all ranks; ``None``: the loader's batch size × dp ×
+            the Trainer's ``accumulate_grad_batches`` on a fresh run, the checkpoint's when only dp changed.
         allow_global_batch_change: resume a checkpoint whose global batch differs from the configured one,
             training on with the configured one (a warning names both); the default refuses.
 
@@ -137,6 +137,10 @@ class ElasticResume(ExactResume):
         """This run's accumulation, from the configured and the checkpoint's global batch."""
         configured = self.global_batch_size or batch * dp * self._configured_accumulation
         record, target = self._record, configured
+        if record is None and self._resumed:
+            rank_zero_warn("The checkpoint holds no global batch (it was written without ElasticResume): this run "
+                           f"trains global batches of {configured} in ElasticResume's order from here on; resuming "
+                           "it on another number of ranks is not exact.")
         if record is not None:
             saved = int(record["global_batch_size"])
             resized = (self.global_batch_size is None and dp != record["data_parallel_size"]

@@ -1,6 +1,7 @@
 """Callbacks of lit_parallel."""
 
 from lit_parallel.callbacks.comm_monitor import CommunicationMonitor
+from lit_parallel.callbacks.elastic import ElasticResume
 from lit_parallel.callbacks.head_pruning import AttentionHeadPruning, load_pruned
 from lit_parallel.callbacks.magnitude_pruning import MagnitudePruning
 from lit_parallel.callbacks.model_summary import ModelSummary
@@ -12,6 +13,7 @@ from lit_parallel.callbacks.summary import RunSummary
 __all__ = [
     "AttentionHeadPruning",
     "CommunicationMonitor",
+    "ElasticResume",
     "ExactResume",
     "MagnitudePruning",
     "ModelSummary",

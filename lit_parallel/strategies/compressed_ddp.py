@@ -155,11 +155,11 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
             if self.compressor.compressing:
                 rank_zero_warn(f"{checkpoint_path} holds no compression state; {self.compressor!r} starts afresh.")
             return checkpoint
-        if len(states) != self.world_size:
-            raise ConfigurationError(
-                f"{checkpoint_path} holds compression state of {len(states)} ranks but the run has "
-                f"world_size={self.world_size}; resume with {len(states)} processes."
-            )
+        if len(states) != self.world_size:  # a resized run (ElasticResume): per-rank memory cannot be split
+            rank_zero_warn(f"{checkpoint_path} holds compression state of {len(states)} ranks but the run has "
+                           f"world_size={self.world_size}; {self.compressor!r} starts afresh (error feedback, warm "
+                           "start and warm-up from zero).")
+            return checkpoint
         self.compressor.load_state_dict(states[self.global_rank])
         return checkpoint
 

@@ -261,6 +261,8 @@ class HeartbeatMonitor:
         keys = [str(r) for r in self._peers]
         try:
             self.store.set(str(self.rank), f"{self._beat} {self._step()} {self._pid} {self._host}")
+            if keys and not self.store.check(keys):  # multi_get would wait for a peer that never wrote
+                keys = [key for key in keys if self.store.check([key])]
             values = self.store.multi_get(keys) if keys else []
         except Exception:  # noqa: BLE001 - a timeout (DistStoreError) or a reset connection: the host is silent
             if now - self._store_ok_at > self.hang_timeout:

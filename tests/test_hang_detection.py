@@ -104,6 +104,35 @@ def test_a_store_that_stops_answering_names_its_host():
     assert "rank 0 has been silent" in event.message and "store it hosts does not answer" in event.message
 
 
+def test_a_store_call_that_never_returns_is_a_silent_store_host():
+    clock = _Clock()
+    m0, m1 = _monitors(2, clock)
+    m0.check(), m1.check()
+    clock.now += 5.5  # rank 1's rounds are stuck inside a store call (a stopped TCPStore server)
+    event = m1.check_store()
+    assert (event.silent_rank, event.last_step, event.store_silent) == (0, 0, True)
+
+
+def test_the_monitor_thread_reports_a_silent_peer_once():
+    events: list[HangEvent] = []
+    reported = threading.Event()
+
+    def on_hang(event: HangEvent) -> None:
+        events.append(event)
+        reported.set()
+
+    store = dist.HashStore()
+    peer = HeartbeatMonitor(store, 1, 2, hang_timeout=1.0, interval=0.1)
+    peer.check()  # rank 1 beats once, then stops (no thread)
+    monitor = HeartbeatMonitor(store, 0, 2, hang_timeout=1.0, interval=0.1, progress=lambda: 4, on_hang=on_hang)
+    monitor.start()
+    assert reported.wait(60)
+    monitor.stop()
+    assert len(events) == 1 and events[0].silent_rank == 1 and events[0].last_step == -1
+    assert "this rank (0) waited in no torch.distributed call: " in events[0].message  # the main thread waits here
+    assert store.get("0") == b"stopped"
+
+
 def test_watched_peers_ring():
     assert watched_peers(0, 1) == [] and watched_peers(0, 2) == [1] and watched_peers(3, 4) == [0, 1, 2]
     ranks = watched_peers(5, 100)
@@ -227,9 +256,10 @@ def test_sigstopped_rank_makes_its_peer_exit_naming_it_and_nothing_lingers(tmp_p
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         steps = tmp_path / "checkpoints" / "steps"
-        while not (steps.is_dir() and any(steps.iterdir())):  # mid-training: the first step checkpoint exists
+        while not (steps.is_dir() and any(steps.glob("step*.ckpt"))):  # mid-training: a step checkpoint exists
             assert job.poll() is None, job.stdout.read()[-4000:]
             time.sleep(0.5)
+        print(sorted(p.name for p in steps.iterdir()))
         pid = _rank_pid(marker.split("=")[1], stopped, job.pid, launcher == "torchrun")
         os.kill(pid, signal.SIGSTOP)
         stopped_at = time.monotonic()

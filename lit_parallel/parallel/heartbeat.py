@@ -17,8 +17,7 @@ leaves with ``os._exit(HANG_EXIT_CODE)`` (a thread blocked inside gloo cannot ho
 then stops the remaining ranks: torchrun's agent on any non-zero exit, Lightning's process observer
 likewise.
 
-Only store operations run in the thread, no collective; each store call has a short timeout of its
-own. When the store itself stops answering for ``hang_timeout`` seconds, its host is silent: under
+Only store operations run in the thread, no collective. When the store itself stops answering for ``hang_timeout`` seconds, its host is silent: under
 Lightning's launcher and plain ``env://`` that is rank 0 (``store_host_rank=0``), which hosts the
 TCPStore server in its own process.
 
@@ -28,6 +27,9 @@ Why not torch's own tools (torch 2.13): NCCL's watchdog and heartbeat monitor
 torchelastic's expiration timers (``torch.distributed.elastic.timer``) work only under torchrun and kill
 the stuck rank without telling its peers which rank or collective it was; ``monitored_barrier`` is a
 collective, so it cannot run while the main thread is blocked in one.
+
+A TCPStore call does not honour its timeout when the server's process is stopped (torch 2.13), so a
+second daemon thread judges the store by the time since the last completed round.
 
 A rank that is alive but stuck (a deadlocked or mismatched collective) keeps beating; it is ended by
 the process group's collective ``timeout`` (every strategy's ``timeout=``), which raises on the ranks
@@ -107,7 +109,7 @@ def waiting_in(frame: FrameType | None) -> str:
     """Describe the torch.distributed call a thread is blocked in, from its innermost ``frame``.
 
     The outermost frame inside ``torch/distributed/`` that is not a decorator wrapper or a private helper
-    is the collective the caller asked for (``all_reduce``, ``barrier``, ``all_gather_object``, an FSDP
+    (of the innermost run of such frames) is the collective the caller asked for (``all_reduce``, ``barrier``, ``all_gather_object``, an FSDP
     hook, ...); the frame just outside it is the call site. Without any such frame (DDP's gradient
     all-reduce runs inside ``backward``'s C++ engine) the innermost frame is named.
 
@@ -128,12 +130,15 @@ def waiting_in(frame: FrameType | None) -> str:
         frame = frame.f_back
     if not stack:
         return "nothing (no Python frame)"
-    inside = [i for i, f in enumerate(stack) if _DIST_DIR in f.f_code.co_filename]
-    if not inside:
+    innermost = next((i for i, f in enumerate(stack) if _DIST_DIR in f.f_code.co_filename), None)
+    if innermost is None:
         top = stack[0]
         return (f"no torch.distributed call: {top.f_code.co_name} ({_short(top.f_code.co_filename)}:{top.f_lineno}) "
                 "(DDP's gradient all-reduce waits inside backward)")
-    outermost = max(inside)
+    outermost = innermost  # the call into torch.distributed, not an outer one such as torchrun's @record
+    while outermost + 1 < len(stack) and _DIST_DIR in stack[outermost + 1].f_code.co_filename:
+        outermost += 1
+    inside = range(innermost, outermost + 1)
     named = [i for i in inside if not stack[i].f_code.co_name.startswith("_") and stack[i].f_code.co_name != "wrapper"]
     entry = stack[max(named) if named else outermost]
     where = f"{entry.f_code.co_name} ({_short(entry.f_code.co_filename)}:{entry.f_lineno})"
@@ -222,8 +227,8 @@ class HeartbeatMonitor:
     """
 
     __slots__ = ("store", "rank", "world_size", "hang_timeout", "interval", "progress", "on_hang",
-                 "store_host_rank", "clock", "_peers", "_beat", "_store_ok_at", "_thread", "_stop", "_main",
-                 "_pid", "_host")
+                 "store_host_rank", "clock", "_peers", "_beat", "_store_ok_at", "_threads", "_stop", "_main",
+                 "_lock", "_reported", "_pid", "_host")
 
     def __init__(self, store: Any, rank: int, world_size: int, hang_timeout: float, interval: float | None = None,
                  progress: Callable[[], int] | None = None, on_hang: Callable[[HangEvent], None] | None = None,
@@ -243,7 +248,9 @@ class HeartbeatMonitor:
         self._peers = {peer: _Peer(changed_at=now) for peer in watched_peers(rank, world_size)}
         self._beat = 0
         self._store_ok_at = now
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._reported = False
         self._stop = threading.Event()
         self._main = threading.main_thread().ident
         self._pid, self._host = os.getpid(), socket.gethostname()
@@ -265,11 +272,7 @@ class HeartbeatMonitor:
                 keys = [key for key in keys if self.store.check([key])]
             values = self.store.multi_get(keys) if keys else []
         except Exception:  # noqa: BLE001 - a timeout (DistStoreError) or a reset connection: the host is silent
-            if now - self._store_ok_at > self.hang_timeout:
-                host = self.store_host_rank if self.store_host_rank is not None else 0
-                peer = self._peers.get(host, _Peer(changed_at=self._store_ok_at))
-                return self._event(host, peer, now - self._store_ok_at, store_silent=True)
-            return None
+            return self.check_store()
         self._store_ok_at = now
         for key, raw in zip(keys, values, strict=True):
             peer, value = self._peers[int(key)], bytes(raw).decode()
@@ -286,37 +289,60 @@ class HeartbeatMonitor:
             return self._event(rank, self._peers[rank], silent_for, store_silent=False)
         return None
 
+    def check_store(self) -> HangEvent | None:
+        """A hang if no round reached the store for ``hang_timeout`` seconds (its host is silent)."""
+        now = self.clock()
+        if now - self._store_ok_at <= self.hang_timeout:
+            return None
+        host = self.store_host_rank if self.store_host_rank is not None else 0
+        peer = self._peers.get(host, _Peer(changed_at=self._store_ok_at))
+        return self._event(host, peer, now - self._store_ok_at, store_silent=True)
+
     def _event(self, rank: int, peer: _Peer, silent_for: float, store_silent: bool) -> HangEvent:
         frame = sys._current_frames().get(self._main) if self._main is not None else None
         return HangEvent(self.rank, rank, silent_for, peer.step, peer.pid, peer.host, store_silent,
                          waiting_in(frame))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            event = self.check()
-            if event is not None and not self._stop.is_set():
-                self.on_hang(event)
-                return
+    def _report(self, event: HangEvent | None) -> bool:
+        with self._lock:
+            if event is None or self._stop.is_set() or self._reported:
+                return False
+            self._reported = True
+        self.on_hang(event)
+        return True
+
+    def _beat_loop(self) -> None:
+        while not self._report(self.check()) and not self._stop.wait(self.interval):
+            pass
+
+    def _store_watch(self) -> None:
+        # A TCPStore call does not honour its timeout when the server process is stopped (torch 2.13:
+        # ``check`` then blocks for good), so the rounds' progress is judged from this second thread.
+        while not self._stop.wait(self.interval) and not self._report(self.check_store()):
+            pass
 
     def start(self) -> None:
-        """Start the daemon thread (its first heartbeat is written right away)."""
-        if self._thread is not None:
+        """Start the daemon threads (the first heartbeat is written right away)."""
+        if self._threads:
             return
-        self.check()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="lit_parallel-heartbeat", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=target, name=f"lit_parallel-{name}", daemon=True)
+                         for target, name in ((self._beat_loop, "heartbeat"), (self._store_watch, "store-watch"))]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        """Stop the thread and mark this rank finished, so peers that still run do not report it."""
+        """Stop the threads and mark this rank finished, so peers that still run do not report it."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.interval + 5)
-            self._thread = None
-        try:
-            self.store.set(str(self.rank), _STOPPED)
-        except Exception:  # noqa: BLE001,S110 - a store that is gone has no peer left to tell
-            pass
+        for thread in self._threads:
+            thread.join(timeout=self.interval + 5)
+        blocked = any(thread.is_alive() for thread in self._threads)  # in a store call that never returns
+        self._threads = []
+        if not blocked:
+            try:
+                self.store.set(str(self.rank), _STOPPED)
+            except Exception:  # noqa: BLE001,S110 - a store that is gone has no peer left to tell
+                pass
 
 
 def watched_peers(rank: int, world_size: int) -> list[int]:

@@ -211,8 +211,7 @@ _LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK"
 HANG_TIMEOUT = 5
 _RUN = ["recipe=mnist_debug", "trainer.max_steps=100000", "trainer.max_epochs=-1", "trainer.limit_train_batches=null",
         "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=5", "run_test=false",
-        "data.batch_size=16", "callbacks.model_checkpoint=null", "callbacks.lr_monitor=null",
-        f"strategy.hang_timeout={HANG_TIMEOUT}"]
+        "data.batch_size=16", "callbacks.model_checkpoint=null", "callbacks.lr_monitor=null"]
 
 
 def _job_processes(marker: str) -> dict[int, dict[str, str]]:
@@ -242,12 +241,18 @@ def _rank_pid(marker: str, rank: int, launcher_pid: int, torchrun: bool) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("launcher", "stopped"), [("torchrun", 1), ("lightning", 1), ("lightning", 0)])
-def test_sigstopped_rank_makes_its_peer_exit_naming_it_and_nothing_lingers(tmp_path, launcher, stopped):
+@pytest.mark.parametrize(("launcher", "stopped", "strategy"), [
+    pytest.param("torchrun", 1, "ddp", id="torchrun-1"),
+    pytest.param("lightning", 1, "ddp", id="lightning-1"),
+    pytest.param("lightning", 0, "ddp", id="lightning-0"),  # rank 0 serves the store in its own process
+    pytest.param("torchrun", 0, "hybrid", id="torchrun-0-hybrid"),
+])
+def test_sigstopped_rank_makes_its_peer_exit_naming_it_and_nothing_lingers(tmp_path, launcher, stopped, strategy):
     marker = f"LIT_PARALLEL_HANG_TEST={uuid.uuid4().hex}"
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("TORCHELASTIC_")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **dict([marker.split("=")]))
-    run = [*_RUN, "trainer.devices=2", f"hydra.run.dir={tmp_path}"]
+    run = [*_RUN, "trainer.devices=2", f"hydra.run.dir={tmp_path}", f"strategy={strategy}",
+           f"strategy.hang_timeout={HANG_TIMEOUT}"]
     if launcher == "torchrun":
         command = [str(BIN / "torchrun"), "--nnodes=1", "--nproc-per-node=2", "--max-restarts=0",
                    "-m", "lit_parallel.cli", *run]
@@ -259,7 +264,6 @@ def test_sigstopped_rank_makes_its_peer_exit_naming_it_and_nothing_lingers(tmp_p
         while not (steps.is_dir() and any(steps.glob("step*.ckpt"))):  # mid-training: a step checkpoint exists
             assert job.poll() is None, job.stdout.read()[-4000:]
             time.sleep(0.5)
-        print(sorted(p.name for p in steps.iterdir()))
         pid = _rank_pid(marker.split("=")[1], stopped, job.pid, launcher == "torchrun")
         os.kill(pid, signal.SIGSTOP)
         stopped_at = time.monotonic()

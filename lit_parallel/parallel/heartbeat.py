@@ -134,7 +134,7 @@ def waiting_in(frame: FrameType | None) -> str:
     if innermost is None:
         top = stack[0]
         return (f"no torch.distributed call: {top.f_code.co_name} ({_short(top.f_code.co_filename)}:{top.f_lineno}) "
-                "(DDP's gradient all-reduce waits inside backward)")
+                "(DDP's gradient all-reduce, for one, waits inside backward's C++ engine)")
     outermost = innermost  # the call into torch.distributed, not an outer one such as torchrun's @record
     while outermost + 1 < len(stack) and _DIST_DIR in stack[outermost + 1].f_code.co_filename:
         outermost += 1

@@ -282,3 +282,19 @@ def test_sigstopped_rank_makes_its_peer_exit_naming_it_and_nothing_lingers(tmp_p
     # The bound: the peer is gone within hang_timeout + 30 s of the stop (liveness, not speed).
     assert elapsed < HANG_TIMEOUT + 30, f"job ended {elapsed:.0f} s after the SIGSTOP"
     assert lingering == {}, f"processes of the job linger: {sorted(lingering)}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_run_that_finishes_is_not_reported_as_hung(tmp_path):
+    # fit, then test (the monitor stops at each teardown and starts again), ranks finishing at different
+    # times: a rank that finished writes "stopped", so its peer does not report it.
+    run = [*_RUN, "trainer.max_steps=12", "run_test=true", "trainer.limit_test_batches=3", "trainer.devices=2",
+           f"hydra.run.dir={tmp_path}", "strategy.hang_timeout=1"]
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("TORCHELASTIC_")}
+    done = subprocess.run([str(BIN / "lit-parallel"), *run], capture_output=True, text=True, timeout=240,
+                          env=dict(env, OMP_NUM_THREADS="1"))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert out.count("hang detection: a rank silent for 1 s ends the run") == 2, out[-4000:]  # fit and test
+    assert "HangDetected" not in out

@@ -190,6 +190,7 @@ def start_hang_monitor(strategy: Any, hang_timeout: float | None) -> None:
                                store_host_rank=None if restart_attempt() is not None else 0)
     monitor.start()
     strategy.__dict__["_hang_monitor"] = monitor
+    rank_zero_info(f"hang detection: a rank silent for {hang_timeout:g} s ends the run (heartbeat every {interval:g} s)")
 
 
 def stop_hang_monitor(strategy: Any) -> None:

@@ -17,7 +17,6 @@ import pytest
 import torch.distributed as dist
 
 from lit_parallel.parallel.heartbeat import HangEvent, HeartbeatMonitor, waiting_in, watched_peers
-from lit_parallel.testing import run_distributed
 
 BIN = Path(sys.executable).parent
 
@@ -174,7 +173,11 @@ def _describe_blocked_collective() -> tuple[str, str]:
 
 
 def test_waiting_in_names_the_collective_and_its_caller():
-    inside, outside = run_distributed(_describe_blocked_collective, world_size=1)[0]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        inside, outside = _describe_blocked_collective()
+    finally:
+        dist.destroy_process_group()
     assert inside.startswith("all_gather_object (torch/distributed/distributed_c10d.py:"), inside
     assert "called from" in inside and "test_hang_detection.py" in inside and "in <lambda>" in inside
     assert outside.startswith("no torch.distributed call: _describe_blocked_collective ("), outside

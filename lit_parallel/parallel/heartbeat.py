@@ -17,9 +17,11 @@ leaves with ``os._exit(HANG_EXIT_CODE)`` (a thread blocked inside gloo cannot ho
 then stops the remaining ranks: torchrun's agent on any non-zero exit, Lightning's process observer
 likewise.
 
-Only store operations run in the thread, no collective. When the store itself stops answering for ``hang_timeout`` seconds, its host is silent: under
-Lightning's launcher and plain ``env://`` that is rank 0 (``store_host_rank=0``), which hosts the
-TCPStore server in its own process.
+Only store operations run in the thread, no collective. When the store itself stops answering for
+``hang_timeout`` seconds, its host is silent: under Lightning's launcher and plain ``env://`` that is
+rank 0 (``store_host_rank=0``), which hosts the TCPStore server in its own process. A TCPStore call does
+not honour its timeout when the server's process is stopped (torch 2.13), so a second daemon thread
+judges the store by the time since the last completed round.
 
 Why not torch's own tools (torch 2.13): NCCL's watchdog and heartbeat monitor
 (``TORCH_NCCL_ENABLE_MONITORING``) exist only for NCCL; the flight recorder records gloo collectives
@@ -27,9 +29,6 @@ Why not torch's own tools (torch 2.13): NCCL's watchdog and heartbeat monitor
 torchelastic's expiration timers (``torch.distributed.elastic.timer``) work only under torchrun and kill
 the stuck rank without telling its peers which rank or collective it was; ``monitored_barrier`` is a
 collective, so it cannot run while the main thread is blocked in one.
-
-A TCPStore call does not honour its timeout when the server's process is stopped (torch 2.13), so a
-second daemon thread judges the store by the time since the last completed round.
 
 A rank that is alive but stuck (a deadlocked or mismatched collective) keeps beating; it is ended by
 the process group's collective ``timeout`` (every strategy's ``timeout=``), which raises on the ranks

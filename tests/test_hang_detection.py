@@ -128,6 +128,7 @@ def test_the_monitor_thread_reports_a_silent_peer_once():
     assert reported.wait(60)
     monitor.stop()
     assert len(events) == 1 and events[0].silent_rank == 1 and events[0].last_step == -1
+    assert "(last seen before its first step)" in events[0].message
     assert "this rank (0) waited in no torch.distributed call: " in events[0].message  # the main thread waits here
     assert store.get("0") == b"stopped"
 

@@ -90,10 +90,14 @@ class HangEvent:
     @property
     def message(self) -> str:
         """The one-line report printed before the process exits."""
-        seen = "never seen" if self.last_step is None else f"last seen at step {self.last_step}"
-        store = ", and the rendezvous store it hosts does not answer" if self.store_silent else ""
-        return (f"HangDetected: rank {self.silent_rank} has been silent for {self.silent_for:.1f} s ({seen}{store}); "
-                f"this rank ({self.rank}) waited in {self.waiting_in}")
+        if self.last_step is None:
+            seen = [] if self.store_silent else ["never seen"]  # a store host this rank does not watch
+        else:
+            seen = [f"last seen at step {self.last_step}" if self.last_step >= 0 else "last seen before its first step"]
+        if self.store_silent:
+            seen.append("the rendezvous store it hosts does not answer")
+        return (f"HangDetected: rank {self.silent_rank} has been silent for {self.silent_for:.1f} s "
+                f"({', and '.join(seen)}); this rank ({self.rank}) waited in {self.waiting_in}")
 
 
 def _short(filename: str) -> str:

@@ -103,6 +103,15 @@ def test_a_store_that_stops_answering_names_its_host():
     assert "rank 0 has been silent" in event.message and "store it hosts does not answer" in event.message
 
 
+def test_a_failed_store_call_reconnects():
+    clock = _Clock()
+    store = dist.HashStore()
+    monitor = HeartbeatMonitor(_DeadStore(), 0, 2, hang_timeout=5.0, clock=clock, reconnect=lambda: store)
+    assert monitor.check() is None and monitor.store is store  # a timed-out client is replaced
+    monitor.check()
+    assert store.get("0").startswith(b"2 -1 ")
+
+
 def test_a_store_call_that_never_returns_is_a_silent_store_host():
     clock = _Clock()
     m0, m1 = _monitors(2, clock)

@@ -216,6 +216,7 @@ class HeartbeatMonitor:
             ``env://``), reported when the store stops answering; ``None`` (torchrun's agent store):
             a silent store is reported as rank 0's.
         clock: monotonic seconds (tests pass a fake clock).
+        reconnect: returns a new store client, used after a failed call (e.g. ``heartbeat_store``).
 
     Raises:
         ValueError: ``hang_timeout`` or ``interval`` is not positive, or ``rank`` outside the world.
@@ -230,12 +231,13 @@ class HeartbeatMonitor:
     """
 
     __slots__ = ("store", "rank", "world_size", "hang_timeout", "interval", "progress", "on_hang",
-                 "store_host_rank", "clock", "_peers", "_beat", "_store_ok_at", "_threads", "_stop", "_main",
+                 "store_host_rank", "clock", "reconnect", "_peers", "_beat", "_store_ok_at", "_threads", "_stop", "_main",
                  "_lock", "_reported", "_pid", "_host")
 
     def __init__(self, store: Any, rank: int, world_size: int, hang_timeout: float, interval: float | None = None,
                  progress: Callable[[], int] | None = None, on_hang: Callable[[HangEvent], None] | None = None,
-                 store_host_rank: int | None = 0, clock: Callable[[], float] = time.monotonic) -> None:
+                 store_host_rank: int | None = 0, clock: Callable[[], float] = time.monotonic,
+                 reconnect: Callable[[], Any] | None = None) -> None:
         if not hang_timeout > 0:
             raise ValueError(f"hang_timeout={hang_timeout!r}; valid: seconds > 0.")
         interval = max(0.5, hang_timeout / 10) if interval is None else interval
@@ -246,7 +248,7 @@ class HeartbeatMonitor:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.hang_timeout, self.interval, self.progress = float(hang_timeout), float(interval), progress
         self.on_hang = on_hang or report_and_exit
-        self.store_host_rank, self.clock = store_host_rank, clock
+        self.store_host_rank, self.clock, self.reconnect = store_host_rank, clock, reconnect
         now = clock()
         self._peers = {peer: _Peer(changed_at=now) for peer in watched_peers(rank, world_size)}
         self._beat = 0
@@ -275,6 +277,12 @@ class HeartbeatMonitor:
                 keys = [key for key in keys if self.store.check([key])]
             values = self.store.multi_get(keys) if keys else []
         except Exception:  # noqa: BLE001 - a timeout (DistStoreError) or a reset connection: the host is silent
+            if self.reconnect is not None:
+                # A TCPStore client whose call timed out may read that call's late answer as the next one's.
+                try:
+                    self.store = self.reconnect()
+                except Exception:  # noqa: BLE001,S110 - still unreachable: judged by check_store
+                    pass
             return self.check_store()
         self._store_ok_at = now
         for key, raw in zip(keys, values, strict=True):

@@ -185,9 +185,12 @@ def start_hang_monitor(strategy: Any, hang_timeout: float | None) -> None:
     def step() -> int:
         return strategy.lightning_module.trainer.global_step
 
-    monitor = HeartbeatMonitor(heartbeat_store(timeout=max(1.0, interval)), dist.get_rank(), dist.get_world_size(),
-                               hang_timeout, interval, progress=step,
-                               store_host_rank=None if restart_attempt() is not None else 0)
+    def store() -> dist.Store:
+        # A stopped store host is judged by the monitor's own clock; the call timeout only guards a slow one.
+        return heartbeat_store(timeout=hang_timeout)
+
+    monitor = HeartbeatMonitor(store(), dist.get_rank(), dist.get_world_size(), hang_timeout, interval, progress=step,
+                               store_host_rank=None if restart_attempt() is not None else 0, reconnect=store)
     monitor.start()
     strategy.__dict__["_hang_monitor"] = monitor
     rank_zero_info(f"hang detection: a rank silent for {hang_timeout:g} s ends the run (heartbeat every {interval:g} s)")

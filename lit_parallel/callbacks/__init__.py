@@ -5,6 +5,7 @@ from lit_parallel.callbacks.elastic import ElasticResume
 from lit_parallel.callbacks.head_pruning import AttentionHeadPruning, load_pruned
 from lit_parallel.callbacks.magnitude_pruning import MagnitudePruning
 from lit_parallel.callbacks.model_summary import ModelSummary
+from lit_parallel.callbacks.preemption import Preempted, Preemption
 from lit_parallel.callbacks.pruning import export_pruned
 from lit_parallel.callbacks.resume import ExactResume
 from lit_parallel.callbacks.structured_pruning import StructuredPruning
@@ -17,6 +18,8 @@ __all__ = [
     "ExactResume",
     "MagnitudePruning",
     "ModelSummary",
+    "Preempted",
+    "Preemption",
     "StructuredPruning",
     "export_pruned",
     "load_pruned",

@@ -29,6 +29,10 @@ PROGRESS_ENV = "BENCH_PROGRESS_FILE"
 # Peers of a crashed rank report the lost connection; those lines never name the cause.
 _PEER_NOISE = ("Connection reset", "Connection closed", "Connection refused", "Broken pipe", "SIGTERM", "SIGKILL")
 _ERROR = re.compile(r"(^|\s)[A-Za-z_][\w.]*(Error|Exception|Exit)\b:?|error:")
+# torch.distributed prefixes every line of a rank's traceback with ``[rankN]:``.
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
+_BARE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)")
 
 
 def report_progress(step: int) -> None:
@@ -60,10 +64,26 @@ class Outcome:
 
 
 def first_error_line(log: str) -> str | None:
-    """The first line of ``log`` that names an error (``ValueError: ...``), peers' connection noise skipped."""
+    """The first line of ``log`` that names an error (``ValueError: ...``), peers' connection noise skipped.
+
+    A traceback's source lines (``raise AssertionError`` under its ``File ...`` line) are not errors. An
+    exception without a message (a bare ``AssertionError``) gets the place that raised it appended, the
+    last ``File "...", line N, in f`` of its traceback: ``AssertionError (powerSGD_hook.py:26 in f)``.
+    """
+    frame = None
+    previous = ""
     for line in log.splitlines():
-        if _ERROR.search(line) and not any(noise in line for noise in _PEER_NOISE):
-            return line.strip()
+        text = _RANK_PREFIX.sub("", line)
+        location = _FRAME.match(text)
+        source_line = _FRAME.match(previous) is not None
+        previous = text
+        if location:
+            frame = f"{Path(location['file']).name}:{location['line']} in {location['func']}"
+            continue
+        if source_line or not _ERROR.search(line) or any(noise in line for noise in _PEER_NOISE):
+            continue
+        bare = _BARE.fullmatch(text.strip())
+        return f"{line.strip()} ({frame})" if bare and frame else line.strip()
     return None
 
 

@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _netns import Star, tx_bytes  # noqa: E402
 from _runner import report_progress, run_processes  # noqa: E402
-from comm_bench import PORT, SUBNET, _ns, _setup, _teardown  # noqa: E402  (the shared network topology)
+
+STAR = Star()  # comm_bench.py's namespaces
 
 METHODS = ("ddp", "local_sgd", "diloco", "diloco_overlap")
 
@@ -36,10 +38,10 @@ def _run_method(args: argparse.Namespace, method: str, out: Path) -> dict:
     commands, envs = [], []
     for r in range(args.ranks):
         envs.append(os.environ | {
-            "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(PORT), "WORLD_SIZE": str(args.ranks),
-            "RANK": str(r), "GLOO_SOCKET_IFNAME": f"lpb{r}", "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": STAR.address(0), "MASTER_PORT": str(STAR.port), "WORLD_SIZE": str(args.ranks),
+            "RANK": str(r), "GLOO_SOCKET_IFNAME": STAR.interface(r), "OMP_NUM_THREADS": "1",
         })
-        commands.append(["ip", "netns", "exec", _ns(r), sys.executable, __file__, "--worker", "--method", method,
+        commands.append(["ip", "netns", "exec", STAR.namespace(r), sys.executable, __file__, "--worker", "--method", method,
                          "--epochs", str(args.epochs), "--sync-every", str(args.sync_every), "--batch-size",
                          str(args.batch_size), "--hidden", str(args.hidden), "--outer-lr", str(args.outer_lr),
                          "--outer-momentum", str(args.outer_momentum), "--result", str(out)])
@@ -84,9 +86,9 @@ def _worker(args: argparse.Namespace) -> None:
                             overlap=args.method == "diloco_overlap", compressor=compressor)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     steps = args.epochs * (len(images) // (world * args.batch_size))
-    tx_path = Path(f"/sys/class/net/{os.environ['GLOO_SOCKET_IFNAME']}/statistics/tx_bytes")
+    interface = os.environ["GLOO_SOCKET_IFNAME"]
     dist.barrier()
-    tx0, t0 = int(tx_path.read_text()), time.perf_counter()
+    tx0, t0 = tx_bytes(interface), time.perf_counter()
     for step in range(steps):
         epoch, index = divmod(step, len(images) // (world * args.batch_size))
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(epoch))
@@ -100,7 +102,7 @@ def _worker(args: argparse.Namespace) -> None:
         report_progress(step + 1)
     if isinstance(state, DiLoCoState):
         state.close()
-    wall, wire = time.perf_counter() - t0, int(tx_path.read_text()) - tx0
+    wall, wire = time.perf_counter() - t0, tx_bytes(interface) - tx0
     stats = compressor.pop_stats()
     model.eval()
     with torch.no_grad():
@@ -158,15 +160,15 @@ def main() -> None:
         raise SystemExit("async_bench needs root (network namespaces and tc).")
     rows = []
     try:
-        _teardown(args.ranks)
-        _setup(args.ranks, args.rate)
+        STAR.teardown(args.ranks)
+        STAR.setup(args.ranks, args.rate)
         with tempfile.TemporaryDirectory() as tmp:
             for method in args.methods.split(","):
                 row = _run_method(args, method, Path(tmp) / f"{method}.json")
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:
-        _teardown(args.ranks)
+        STAR.teardown(args.ranks)
     Path(args.json).write_text(json.dumps(rows, indent=1))
     _print_table(rows, args)
 

@@ -31,78 +31,28 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runner import report_progress, run_processes  # noqa: E402  (bench/ is the script directory)
+from _netns import Star, tx_bytes  # noqa: E402  (bench/ is the script directory)
+from _runner import report_progress, run_processes  # noqa: E402
+from _workload import Workload  # noqa: E402
 
-HUB, SUBNET, PORT = "lpb-hub", "10.213.0", 29555
+STAR = Star()  # the namespaces lpb-r<i> and lpb-hub, 10.213.0.<i+1>
 METHODS = ("ddp", "powersgd", "topk", "int8", "onebit", "torch_powersgd")
-
-
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
-def _ns(rank: int) -> str:
-    return f"lpb-r{rank}"
-
-
-def _teardown(ranks: int) -> None:
-    """Kill whatever still runs in the namespaces, then delete them (a namespace outlives its deletion
-    while a process holds it, and so would its shaped links)."""
-    existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    for name in [HUB, *(_ns(r) for r in range(ranks))]:
-        if name in existing.split():
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-
-def _setup(ranks: int, rate: str) -> None:
-    rate_bytes = _rate_bytes(rate)
-    # tbf needs a bucket of at least one timer tick of traffic; 10 ms of it keeps TCP smooth.
-    shape = ["root", "tbf", "rate", rate, "burst", str(max(32 * 1024, rate_bytes // 100)), "latency", "50ms"]
-    _sh("ip", "netns", "add", HUB)
-    _sh("ip", "-n", HUB, "link", "add", "lpbbr", "type", "bridge")
-    _sh("ip", "-n", HUB, "link", "set", "lpbbr", "up")
-    for r in range(ranks):
-        ns = _ns(r)
-        _sh("ip", "netns", "add", ns)
-        _sh("ip", "link", "add", f"lpb{r}", "netns", ns, "type", "veth", "peer", "name", f"lpbh{r}", "netns", HUB)
-        _sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{r + 1}/24", "dev", f"lpb{r}")
-        _sh("ip", "-n", ns, "link", "set", "lo", "up")
-        _sh("ip", "-n", ns, "link", "set", f"lpb{r}", "up")
-        _sh("ip", "-n", HUB, "link", "set", f"lpbh{r}", "master", "lpbbr")
-        _sh("ip", "-n", HUB, "link", "set", f"lpbh{r}", "up")
-        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", f"lpb{r}", *shape)
-        _sh("ip", "netns", "exec", HUB, "tc", "qdisc", "add", "dev", f"lpbh{r}", *shape)
-
-
-def _rate_bytes(rate: str) -> int:
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
-    for suffix, scale in units.items():
-        if rate.endswith(suffix):
-            return int(float(rate[: -len(suffix)]) * scale / 8)
-    raise SystemExit(f"--rates: {rate!r} is not like 100mbit or 1gbit")
 
 
 def _run_method(args: argparse.Namespace, rate: str, method: str, out: Path) -> dict:
     commands, envs = [], []
     for r in range(args.ranks):
         envs.append(os.environ | {
-            "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(PORT), "WORLD_SIZE": str(args.ranks),
-            "RANK": str(r), "GLOO_SOCKET_IFNAME": f"lpb{r}", "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": STAR.address(0), "MASTER_PORT": str(STAR.port), "WORLD_SIZE": str(args.ranks),
+            "RANK": str(r), "GLOO_SOCKET_IFNAME": STAR.interface(r), "OMP_NUM_THREADS": "1",
         })
-        commands.append(["ip", "netns", "exec", _ns(r), sys.executable, __file__, "--worker", "--method", method,
+        commands.append(["ip", "netns", "exec", STAR.namespace(r), sys.executable, __file__, "--worker", "--method", method,
                          "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
                          str(args.batch_size), "--hidden", str(args.hidden), "--model", args.model, "--eval-every",
                          str(args.eval_every), "--lr-schedule", args.lr_schedule, "--result", str(out)])
@@ -118,15 +68,15 @@ def _orchestrate(args: argparse.Namespace) -> None:
     rows = []
     try:
         for rate in args.rates.split(","):
-            _teardown(args.ranks)
-            _setup(args.ranks, rate)
+            STAR.teardown(args.ranks)
+            STAR.setup(args.ranks, rate)
             with tempfile.TemporaryDirectory() as tmp:
                 for method in args.methods.split(","):
                     row = _run_method(args, rate, method, Path(tmp) / f"{method}.json")
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     finally:
-        _teardown(args.ranks)
+        STAR.teardown(args.ranks)
     Path(args.json).write_text(json.dumps(rows, indent=1))
     _print_table(rows, args)
 
@@ -149,84 +99,6 @@ def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
               f"{r['wire_mb']:.3f} | {100 * r['test_acc']:.1f} % |")
 
 
-class _Workload:
-    """Model, optimizer, this rank's batches and the test accuracy of one benchmark workload."""
-
-    def __init__(self, args: argparse.Namespace, rank: int, world: int) -> None:
-        import torch
-
-        self.args, self.rank, self.world = args, rank, world
-        if args.model == "mlp":
-            from lit_parallel.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
-            from lit_parallel.models import mlp
-
-            raw = load_mnist()
-
-            def norm(x: torch.Tensor) -> torch.Tensor:
-                return ((x.float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
-
-            self.train_x, self.train_y = norm(raw["train_images"]), raw["train_labels"]
-            self.test_x, self.test_y = norm(raw["test_images"]), raw["test_labels"]
-            torch.manual_seed(0)
-            self.model = mlp(hidden=args.hidden, depth=2)
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
-            self.num_train = len(self.train_x)
-        else:  # minilm: all-MiniLM-L6-v2 on BBC News, as recipes/bert_bbc.yaml (offline packages)
-            from lit_parallel.data import TextClassificationDataModule
-            from lit_parallel.data.text import PaddingCollator
-            from lit_parallel.models.loading import load_sequence_classifier
-
-            data = TextClassificationDataModule("minilm", max_length=128, batch_size=args.batch_size)
-            data.setup("fit")
-            self.train_set, self.test_set = data._splits["train"], data._splits["test"]
-            self.collate = PaddingCollator(data.tokenizer.pad_token_id)
-            torch.manual_seed(0)
-            self.model = load_sequence_classifier("minilm", num_labels=5)
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-4, weight_decay=0.01)
-            self.num_train = len(self.train_set)
-        self.order = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(1))
-        self.scheduler = None
-        if args.lr_schedule == "linear":  # the recipes' schedule: linear warm-up, then linear decay to 0
-            warmup, total = 10, args.steps
-
-            def factor(step: int) -> float:
-                return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
-
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-
-    def loss(self, net, step: int):
-        import torch.nn.functional as F
-
-        batch = self.args.batch_size
-        steps_per_epoch = self.num_train // (batch * self.world)
-        start = ((step % steps_per_epoch) * self.world + self.rank) * batch
-        idx = self.order[start : start + batch]
-        if self.args.model == "mlp":
-            return F.cross_entropy(net(self.train_x[idx]), self.train_y[idx])
-        inputs = self.collate([self.train_set[int(i)] for i in idx])
-        labels = inputs.pop("labels")
-        return F.cross_entropy(net(**inputs).logits, labels)
-
-    def test_accuracy(self) -> float:
-        import torch
-
-        self.model.eval()
-        with torch.no_grad():
-            if self.args.model == "mlp":
-                correct = (self.model(self.test_x).argmax(1) == self.test_y).sum().item()
-                total = len(self.test_y)
-            else:
-                correct = total = 0
-                for start in range(0, len(self.test_set), 64):
-                    inputs = self.collate([self.test_set[i] for i in range(start, min(start + 64,
-                                                                                      len(self.test_set)))])
-                    labels = inputs.pop("labels")
-                    correct += (self.model(**inputs).logits.argmax(1) == labels).sum().item()
-                    total += len(labels)
-        self.model.train()
-        return correct / total
-
-
 def _worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
@@ -237,7 +109,7 @@ def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    work = _Workload(args, rank, world)
+    work = Workload(args, rank, world)
     model = work.model
     ddp = DistributedDataParallel(model)
     compressor = None
@@ -252,10 +124,10 @@ def _worker(args: argparse.Namespace) -> None:
         compressor = get_compressor(args.method, warmup_steps=args.warmup, **kwargs)
         ddp.register_comm_hook(*compressor.ddp_comm_hook(model))
     optimizer = work.optimizer
-    tx_path = Path(f"/sys/class/net/{os.environ['GLOO_SOCKET_IFNAME']}/statistics/tx_bytes")
+    interface = os.environ["GLOO_SOCKET_IFNAME"]
     times, wire, payload, curve = [], [], [], []
     for step in range(args.steps):
-        tx0, t0 = int(tx_path.read_text()), time.perf_counter()
+        tx0, t0 = tx_bytes(interface), time.perf_counter()
         optimizer.zero_grad()
         work.loss(ddp, step).backward()
         optimizer.step()
@@ -265,7 +137,7 @@ def _worker(args: argparse.Namespace) -> None:
             compressor.step()
         times.append(time.perf_counter() - t0)
         report_progress(step + 1)
-        wire.append(int(tx_path.read_text()) - tx0)
+        wire.append(tx_bytes(interface) - tx0)
         if compressor is not None:
             payload.append(compressor.pop_stats().bytes_sent)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:

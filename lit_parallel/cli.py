@@ -106,6 +106,18 @@ def _with_exact_resume(callbacks: list[Any], group: DictConfig | None) -> list[A
     return [ExactResume(), *callbacks]
 
 
+def _with_preemption(callbacks: list[Any], group: DictConfig | None) -> list[Any]:
+    """The callbacks with :class:`~lit_parallel.callbacks.Preemption` (a signal stops every rank at one step
+    boundary with a checkpoint that ``ckpt_path=auto`` resumes from), also under ``callbacks=none``;
+    ``callbacks.preemption=null`` turns it off."""
+    from lit_parallel.callbacks import Preemption
+
+    turned_off = group is not None and "preemption" in group and group.preemption is None
+    if turned_off or any(isinstance(callback, Preemption) for callback in callbacks):
+        return callbacks
+    return [*callbacks, Preemption()]
+
+
 def _empty_init(value: Any, strategy: Any) -> bool:
     """``empty_init=auto``: build on the meta device whenever the hybrid strategy will split the model (it then
     materializes each rank's shards only); ``true`` / ``false`` force it.
@@ -269,7 +281,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     strategy = _build_strategy(cfg)
     summary = RunSummary(output_dir=str(output_dir))
-    callbacks = [*_with_exact_resume(_instantiate_group(cfg.get("callbacks")), cfg.get("callbacks")),
+    group = cfg.get("callbacks")
+    callbacks = [*_with_preemption(_with_exact_resume(_instantiate_group(group), group), group),
                  *_periodic_checkpoint(cfg, output_dir), summary]
     if cfg.trainer.get("enable_model_summary", True):
         callbacks.append(ModelSummary())  # Lightning's, without the "Total FLOPs: 0" it never measured

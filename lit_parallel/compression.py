@@ -7,6 +7,7 @@ Example::
     Trainer(strategy=CompressedDDPStrategy(compression=PowerSGD(rank=4)))
     Trainer(strategy="ddp_powersgd")                       # the same with default arguments
     get_compressor("topk", ratio=0.01)                     # by name (used by config files)
+    Hierarchical(outer=PowerSGD(rank=4))                   # exact inside a node, PowerSGD between nodes
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from lit_parallel.parallel.compression import (
     FP16,
     CommStats,
     Compressor,
+    Hierarchical,
+    HierarchicalCommStats,
     Int8,
     NoCompression,
     OneBit,
@@ -26,11 +29,11 @@ from lit_parallel.parallel.compression import (
     TopK,
 )
 
-__all__ = ["BF16", "COMPRESSORS", "FP16", "CommStats", "Compressor", "Int8", "NoCompression", "OneBit",
-           "PowerSGD", "TopK", "get_compressor", "resolve_compressor"]
+__all__ = ["BF16", "COMPRESSORS", "FP16", "CommStats", "Compressor", "Hierarchical", "HierarchicalCommStats", "Int8",
+           "NoCompression", "OneBit", "PowerSGD", "TopK", "get_compressor", "resolve_compressor"]
 
 COMPRESSORS: dict[str, type[Compressor]] = {
-    cls.name: cls for cls in (NoCompression, FP16, BF16, Int8, TopK, PowerSGD, OneBit)
+    cls.name: cls for cls in (NoCompression, FP16, BF16, Int8, TopK, PowerSGD, OneBit, Hierarchical)
 }
 
 

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
+from test_compression import SPECS, _net  # every compressor, compressing from the second step on
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -15,21 +16,7 @@ from lit_parallel.compression import PowerSGD, get_compressor
 from lit_parallel.parallel.compression.exchange import ExchangeQueue
 from lit_parallel.testing import run_distributed
 
-# Every compressor, compressing from the second step on, with error feedback where it has it.
-SPECS = [
-    ("none", {}),
-    ("fp16", {"warmup_steps": 1}),
-    ("bf16", {"warmup_steps": 1}),
-    ("int8", {"warmup_steps": 1, "chunk_size": 64, "stochastic_rounding": True}),
-    ("topk", {"warmup_steps": 1, "ratio": 0.05}),
-    ("powersgd", {"warmup_steps": 1, "rank": 2}),
-    ("onebit", {"warmup_steps": 1, "chunk_size": 64}),
-]
 STEPS = 4
-
-
-def _net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
 def _train(name: str, kwargs: dict, blocking: bool) -> tuple[torch.Tensor, dict]:

@@ -78,6 +78,19 @@ def test_first_error_line_skips_peer_noise():
     assert _runner.first_error_line("all fine\n") is None
 
 
+def test_first_error_line_skips_traceback_source_and_places_a_bare_exception():
+    # torch's batched_powerSGD_hook on torch 2.13: the source line names the exception before the error does.
+    log = ('[rank1]: Traceback (most recent call last):\n'
+           '[rank1]:   File "/x/overlap_bench.py", line 249, in _worker\n'
+           '[rank1]:     raise ValueError("not this")\n'
+           '[rank1]:   File "/t/powerSGD_hook.py", line 26, in _orthogonalize\n'
+           '[rank1]:     raise AssertionError\n'
+           '[rank1]: AssertionError\n')
+    assert _runner.first_error_line(log) == "[rank1]: AssertionError (powerSGD_hook.py:26 in _orthogonalize)"
+    with_message = 'Traceback (most recent call last):\n  File "a.py", line 3, in f\n    raise KeyError(1)\nKeyError: 1\n'
+    assert _runner.first_error_line(with_message) == "KeyError: 1"
+
+
 def test_guarded_turns_an_exception_into_a_status():
     assert _runner.guarded("x", lambda a: a + 1, 1) == (2, "ok")
     assert _runner.guarded("x", lambda: {}["w"]) == (None, "failed: KeyError: 'w'")

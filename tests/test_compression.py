@@ -180,7 +180,7 @@ def test_error_feedback_carries_the_residual(two_ranks):
 @pytest.mark.parametrize(
     "make, needle",
     [
-        (lambda: get_compressor("gzip"), "'gzip' is unknown; valid: ['bf16', 'fp16', 'int8', 'none'"),
+        (lambda: get_compressor("gzip"), "'gzip' is unknown; valid: ['bf16', 'fp16', 'hierarchical', 'int8', 'none'"),
         (lambda: PowerSGD(rank=0), "PowerSGD(rank=0): rank must be an integer >= 1"),
         (lambda: PowerSGD(rank=1.5), "rank=1.5"),
         (lambda: TopK(ratio=0.0), "TopK(ratio=0.0): ratio must be a number in (0, 1]"),
@@ -214,4 +214,4 @@ def test_state_round_trip_and_pickling():
     hook_state, _ = PowerSGD().ddp_comm_hook(nn.Linear(2, 2), group=dist.GroupMember.WORLD)
     restored = pickle.loads(pickle.dumps(hook_state))
     assert isinstance(restored, DDPHookState) and restored.process_group is None
-    assert set(COMPRESSORS) == {"none", "fp16", "bf16", "int8", "topk", "powersgd", "onebit"}
+    assert set(COMPRESSORS) == {"none", "fp16", "bf16", "int8", "topk", "powersgd", "onebit", "hierarchical"}

@@ -57,9 +57,9 @@ def _fit(compressor, tp: int, devices: int, epochs: int = 1, ckpt_in=None, ckpt_
     L.seed_everything(3, verbose=False)
     module = ImageClassifier(net=mlp(in_features=FEATURES, hidden=64, depth=2), lr=1e-2)
     digest, monitor = _Digest(), CommunicationMonitor(log_metrics=False)
+    pipeline = {"pipeline_parallel_size": pp, "num_microbatches": 2} if pp > 1 else {}
     strategy = HybridParallelStrategy(tensor_parallel_size=tp, gradient_compression=compressor,
-                                      overlap_grad_sync=overlap, pipeline_parallel_size=pp,
-                                      num_microbatches=2 if pp > 1 else None)
+                                      overlap_grad_sync=overlap, **pipeline)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[digest, monitor, *([launched] if launched else [])])

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lit_parallel.compression import Hierarchical
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.fsdp import OptimizerStatePartition, compress_replicate_axis, fsdp_managed
 from lit_parallel.parallel.materialize import (
@@ -47,6 +48,16 @@ class ShardedDataParallelMixin:
     def _check_sharding_combination(self) -> None:
         """Refuse, before any process group, what a sharded dp axis does not support."""
         stage = self._sharding.zero_stage
+        compression = self._dp.compression
+        if stage >= 2 and isinstance(compression, Hierarchical):
+            node = compression.node_size if compression.node_size is not None else "<ranks per node>"
+            outer = None if compression.config()["outer"] is None else compression.outer
+            raise ConfigurationError(
+                f"gradient_compression={compression!r} with zero_stage={stage} is not supported: FSDP2 already "
+                f"reduce-scatters over dp_shard, and HSDP with data_parallel_shard_size={node} plus "
+                f"gradient_compression={outer!r} already is this topology (exact inside a node, the shard exchanged "
+                "between nodes). Use that, or zero_stage=0/1 with Hierarchical."
+            )
         if stage == 1 and self._dp.sync is not None:
             raise ConfigurationError(
                 f"zero_stage=1 with data_parallel_sync={self._dp.sync!r} is not supported: ZeRO-1 partitions the "
@@ -136,6 +147,15 @@ class ShardedDataParallelMixin:
         ``data_parallel_sync`` the rounds run over ``dp_replicate`` on each rank's FSDP2 shards.
         """
         roots = [module, *(self._pipeline.stage_modules if self._pipeline is not None else [])]
+        # Collective (new_group): the ranks of every dp group, in mesh order (the sharded mesh's dp is
+        # dp_replicate x dp_shard flattened), on every rank.
+        grid = self.device_mesh.mesh
+        grid = grid.reshape(grid.shape[0], -1, grid.shape[-1])  # (pp, dp, tp)
+        dp_groups = grid.permute(0, 2, 1).reshape(-1, grid.shape[1]).tolist()
+        if isinstance(self.compressor, Hierarchical):
+            self.compressor.setup_groups(dp_groups, default_node_size=self.num_processes or None)
+        else:
+            self.compressor.setup_groups(dp_groups)
         sharded = fsdp_managed(roots)
         rest = [(n, p) for n, p in module.named_parameters() if id(p) not in sharded and p.requires_grad]
         if self._replicate_axis_ours and self._dp.sync is not None:

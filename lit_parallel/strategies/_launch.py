@@ -18,7 +18,8 @@ from lit_parallel.parallel.process_group import init_process_group
 from lit_parallel.parallel.safe_load import check_safe
 from lit_parallel.plugins.sync_batchnorm import MeshSyncBatchNorm
 
-__all__ = ["connect", "mesh_layer_sync", "RestartSafeDDPMixin"]
+__all__ = ["connect", "hang_timeout_seconds", "mesh_layer_sync", "RestartSafeDDPMixin", "start_hang_monitor",
+           "stop_hang_monitor"]
 
 
 def connect(cluster_environment: ClusterEnvironment, backend: str, timeout: timedelta, device: torch.device) -> None:
@@ -91,6 +92,7 @@ class RestartSafeDDPMixin:
     compressor: Any  # every DDP-family strategy of the package has one (``NoCompression`` counts bytes)
     replica_sync_every: int | None = None  # LocalSGD / DiLoCo: steps between synchronizations
     replicas_meet: bool = True  # False under Streaming DiLoCo (ParallelContext.replicas_meet)
+    hang_timeout: float | None = None  # seconds a peer may stay silent (hang_timeout_seconds)
 
     @property
     def parallel_context(self: Any) -> ParallelContext:
@@ -126,7 +128,83 @@ class RestartSafeDDPMixin:
         if isinstance(self.checkpoint_io, AsyncAtomicCheckpointIO):  # refused before any process-group work
             check_checkpoint_dirs(self.lightning_module.trainer)
         connect(self.cluster_environment, self._get_process_group_backend(), self._timeout, self.root_device)
+        start_hang_monitor(self, self.hang_timeout)
         super().setup_distributed()  # type: ignore[misc]  (finds the group initialized and keeps it)
+
+    def teardown(self: Any) -> None:
+        stop_hang_monitor(self)
+        super().teardown()  # type: ignore[misc]
+
+
+# Environment default of ``hang_timeout`` (seconds) for every strategy.
+HANG_TIMEOUT_ENV = "LIT_PARALLEL_HANG_TIMEOUT"
+
+
+def hang_timeout_seconds(owner: str, value: float | timedelta | None) -> float | None:
+    """Validate ``hang_timeout`` (seconds or a timedelta); ``None`` falls back to :data:`HANG_TIMEOUT_ENV`.
+
+    Args:
+        owner: the strategy's class name, for the message.
+        value: the ``hang_timeout`` argument.
+
+    Returns:
+        Seconds, or ``None`` (off).
+
+    Raises:
+        ConfigurationError: not a number or timedelta, or not > 0.
+    """
+    from lit_parallel.errors import ConfigurationError
+
+    source = "hang_timeout"
+    if value is None and os.environ.get(HANG_TIMEOUT_ENV):
+        value, source = os.environ[HANG_TIMEOUT_ENV], HANG_TIMEOUT_ENV  # type: ignore[assignment]
+        try:
+            value = float(value)  # type: ignore[arg-type]
+        except ValueError:
+            raise ConfigurationError(f"{HANG_TIMEOUT_ENV}={value!r}; valid: seconds > 0.") from None
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0 or seconds == float("inf"):
+        raise ConfigurationError(f"{owner}({source}={value!r}); valid: seconds > 0 (a number or a timedelta), "
+                                 "or None for off.")
+    return float(seconds)
+
+
+def start_hang_monitor(strategy: Any, hang_timeout: float | None) -> None:
+    """Start this rank's :class:`~lit_parallel.parallel.heartbeat.HeartbeatMonitor` (once the group exists).
+
+    Its step is the trainer's ``global_step``. Under Lightning's launcher and ``env://`` rank 0 serves the
+    store in its own process; under torchrun's agent store (``restart_attempt() is not None``) the agent does.
+    """
+    import torch.distributed as dist
+
+    from lit_parallel.parallel.heartbeat import HeartbeatMonitor, heartbeat_store
+    from lit_parallel.parallel.process_group import restart_attempt
+
+    if hang_timeout is None or strategy.__dict__.get("_hang_monitor") is not None or dist.get_world_size() < 2:
+        return
+    interval = max(0.5, hang_timeout / 10)
+
+    def step() -> int:
+        return strategy.lightning_module.trainer.global_step
+
+    def store() -> dist.Store:
+        # A stopped store host is judged by the monitor's own clock; the call timeout only guards a slow one.
+        return heartbeat_store(timeout=hang_timeout)
+
+    monitor = HeartbeatMonitor(store(), dist.get_rank(), dist.get_world_size(), hang_timeout, interval, progress=step,
+                               store_host_rank=None if restart_attempt() is not None else 0, reconnect=store)
+    monitor.start()
+    strategy.__dict__["_hang_monitor"] = monitor
+    rank_zero_info(f"hang detection: a rank silent for {hang_timeout:g} s ends the run (heartbeat every {interval:g} s)")
+
+
+def stop_hang_monitor(strategy: Any) -> None:
+    """Stop the monitor :func:`start_hang_monitor` started, if any (teardown: peers may still be running)."""
+    monitor = strategy.__dict__.pop("_hang_monitor", None)
+    if monitor is not None:
+        monitor.stop()
 
 
 # Environment default of ``replica_check_every_n_steps`` (the test suite sets it to 1).

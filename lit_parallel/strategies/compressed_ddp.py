@@ -19,9 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lit_parallel.compression import COMPRESSORS, Compressor, NoCompression, resolve_compressor
+from lit_parallel.compression import COMPRESSORS, Compressor, Hierarchical, NoCompression, resolve_compressor
 from lit_parallel.errors import ConfigurationError
-from lit_parallel.strategies._launch import RestartSafeDDPMixin, check_replicas_now, replica_check_interval
+from lit_parallel.strategies._launch import (
+    RestartSafeDDPMixin,
+    check_replicas_now,
+    hang_timeout_seconds,
+    replica_check_interval,
+)
 
 __all__ = ["CompressedDDPStrategy"]
 
@@ -55,6 +60,8 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
         replica_check_every_n_steps: every N optimizer steps, verify that all replicas hold bitwise-identical
             parameters (one all-gather of 8 bytes per tensor); ``None`` reads ``LIT_PARALLEL_REPLICA_CHECK_EVERY_N_STEPS``
             (unset: off).
+        hang_timeout: seconds (or a ``timedelta``) a peer may stay silent before this rank reports it and
+            exits (docs/fault_tolerance.md, "No hangs"); ``None`` reads ``LIT_PARALLEL_HANG_TIMEOUT`` (unset: off).
         **kwargs: passed to :class:`~torch.nn.parallel.DistributedDataParallel`.
 
     Raises:
@@ -84,6 +91,7 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         replica_check_every_n_steps: int | None = None,
+        hang_timeout: float | timedelta | None = None,
         **kwargs: Any,
     ) -> None:
         clashing = [name for name in _HOOK_ARGUMENTS if kwargs.get(name) is not None]
@@ -106,6 +114,7 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
         )
         self.compressor: Compressor = compression if compression is not None else NoCompression()
         self.replica_check_every_n_steps = replica_check_interval(type(self).__name__, replica_check_every_n_steps)
+        self.hang_timeout = hang_timeout_seconds(type(self).__name__, hang_timeout)
 
     @override
     def setup_environment(self) -> None:
@@ -117,6 +126,12 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
                 f"{world_size} process; valid: devices * num_nodes >= 2, or no compression."
             )
         super().setup_environment()
+        # Collective (new_group): every rank, now that the process group exists. The dp group is the world.
+        ranks = [list(range(self.world_size))]
+        if isinstance(self.compressor, Hierarchical):
+            self.compressor.setup_groups(ranks, default_node_size=len(self.parallel_devices or []) or None)
+        else:
+            self.compressor.setup_groups(ranks)
 
     @override
     def _register_ddp_hooks(self) -> None:
@@ -149,11 +164,11 @@ class CompressedDDPStrategy(RestartSafeDDPMixin, DDPStrategy):
             if self.compressor.compressing:
                 rank_zero_warn(f"{checkpoint_path} holds no compression state; {self.compressor!r} starts afresh.")
             return checkpoint
-        if len(states) != self.world_size:
-            raise ConfigurationError(
-                f"{checkpoint_path} holds compression state of {len(states)} ranks but the run has "
-                f"world_size={self.world_size}; resume with {len(states)} processes."
-            )
+        if len(states) != self.world_size:  # a resized run (ElasticResume): per-rank memory cannot be split
+            rank_zero_warn(f"{checkpoint_path} holds compression state of {len(states)} ranks but the run has "
+                           f"world_size={self.world_size}; {self.compressor!r} starts afresh (error feedback, warm "
+                           "start and warm-up from zero).")
+            return checkpoint
         self.compressor.load_state_dict(states[self.global_rank])
         return checkpoint
 

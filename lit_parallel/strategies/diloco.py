@@ -97,6 +97,7 @@ class DiLoCoStrategy(LocalSGDStrategy):
         start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
         replica_check_every_n_steps: as for :class:`~lit_parallel.LocalSGDStrategy` (checked only after a
             whole-model synchronization, so never with ``fragments > 1``).
+        hang_timeout: as for :class:`~lit_parallel.LocalSGDStrategy`.
 
     Raises:
         ConfigurationError: ``sync_every < 1``, ``outer_lr <= 0``, ``outer_momentum`` outside ``[0, 1)``,
@@ -134,6 +135,7 @@ class DiLoCoStrategy(LocalSGDStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         replica_check_every_n_steps: int | None = None,
+        hang_timeout: float | timedelta | None = None,
         fragments: int = 1,
         overlap_steps: int = 0,
         fragment_update_alpha: float = 0.0,
@@ -155,6 +157,7 @@ class DiLoCoStrategy(LocalSGDStrategy):
             timeout=timeout,
             start_method=start_method,
             replica_check_every_n_steps=replica_check_every_n_steps,
+            hang_timeout=hang_timeout,
         )
         self.outer_lr, self.outer_momentum, self.nesterov, self.overlap = outer_lr, outer_momentum, nesterov, overlap
         self.fragments, self.overlap_steps = fragments, overlap_steps

@@ -59,8 +59,11 @@ from lit_parallel.strategies._launch import (
     check_replicas_now,
     connect,
     exit_watchdog,
+    hang_timeout_seconds,
     mesh_layer_sync,
     replica_check_interval,
+    start_hang_monitor,
+    stop_hang_monitor,
 )
 from lit_parallel.strategies._modules import ModelParallelizer
 
@@ -138,6 +141,8 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
         replica_check_every_n_steps: every N optimizer steps, verify that the data-parallel replicas of every
             shard hold bitwise-identical parameters; ``None`` reads ``LIT_PARALLEL_REPLICA_CHECK_EVERY_N_STEPS``
             (unset: off).
+        hang_timeout: seconds (or a ``timedelta``) a peer may stay silent before this rank reports it and
+            exits (docs/fault_tolerance.md, "No hangs"); ``None`` reads ``LIT_PARALLEL_HANG_TIMEOUT`` (unset: off).
         zero_stage: 0 (replicate everything), 1 (shard optimizer state), 2 (+ gradients), 3 (+ parameters)
             over the ``dp_shard`` ranks (:mod:`lit_parallel.parallel.fsdp`).
         data_parallel_shard_size: dp ranks that shard (``"auto"``: all of dp with ``zero_stage > 0``); the
@@ -179,6 +184,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         replica_check_every_n_steps: int | None = None,
+        hang_timeout: float | timedelta | None = None,
         zero_stage: int = 0,
         data_parallel_shard_size: int | Literal["auto"] = "auto",
         activation_checkpointing: Literal["none", "full", "selective"] = "none",
@@ -188,6 +194,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
         self._init_async_checkpoint(async_checkpoint)
         self._sharding = ShardingOptions(zero_stage, data_parallel_shard_size, activation_checkpointing)
         self.replica_check_every_n_steps = replica_check_interval(type(self).__name__, replica_check_every_n_steps)
+        self.hang_timeout = hang_timeout_seconds(type(self).__name__, hang_timeout)
         # Validate what can be validated without the world size or the model.
         ParallelDims.resolve(tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
                              world_size=tensor_parallel_size * pipeline_parallel_size
@@ -401,6 +408,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
         self.set_world_ranks()
         self._check_checkpoint_dirs()  # async_checkpoint: refuse an unwritable checkpoint directory here
         connect(self.cluster_environment, self._process_group_backend, self._timeout, self.root_device)
+        start_hang_monitor(self, self.hang_timeout)
         self._setup_async_checkpoint()  # collective: the dedicated checkpoint group
         self._device_mesh = build_mesh(self.dims, self.root_device.type)
         assert self.lightning_module is not None
@@ -593,6 +601,7 @@ class HybridParallelStrategy(ShardedCheckpointMixin, ShardedDataParallelMixin, P
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
         self._finish_async_checkpoint()  # the pending background write published, older checkpoints deleted
+        stop_hang_monitor(self)
         self._dp.close_exchange()
         module = self.lightning_module
         if module is not None and self._layer_sync is not None and module.trainer.state.fn == TrainerFn.FITTING:

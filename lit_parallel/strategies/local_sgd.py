@@ -22,12 +22,13 @@ from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lit_parallel.compression import Compressor, get_compressor
+from lit_parallel.compression import Compressor, Hierarchical, get_compressor
 from lit_parallel.errors import ConfigurationError
 from lit_parallel.parallel.local_sgd import LocalSGDState, check_sync_every
 from lit_parallel.strategies._launch import (
     RestartSafeDDPMixin,
     check_replicas_after_round,
+    hang_timeout_seconds,
     replica_check_interval,
 )
 
@@ -64,6 +65,8 @@ class LocalSGDStrategy(RestartSafeDDPMixin, DDPStrategy):
         start_method: as for :class:`DDPStrategy`.
         replica_check_every_n_steps: verify bitwise-equal replicas after the averaging due at (or after) every
             N steps; ``None`` reads ``LIT_PARALLEL_REPLICA_CHECK_EVERY_N_STEPS`` (unset: off).
+        hang_timeout: seconds (or a ``timedelta``) a peer may stay silent before this rank reports it and
+            exits (docs/fault_tolerance.md, "No hangs"); ``None`` reads ``LIT_PARALLEL_HANG_TIMEOUT`` (unset: off).
 
     Raises:
         ConfigurationError: ``sync_every`` is not an integer >= 1.
@@ -90,9 +93,11 @@ class LocalSGDStrategy(RestartSafeDDPMixin, DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         replica_check_every_n_steps: int | None = None,
+        hang_timeout: float | timedelta | None = None,
     ) -> None:
         check_sync_every(type(self).__name__, sync_every)
         self.replica_check_every_n_steps = replica_check_interval(type(self).__name__, replica_check_every_n_steps)
+        self.hang_timeout = hang_timeout_seconds(type(self).__name__, hang_timeout)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -132,6 +137,12 @@ class LocalSGDStrategy(RestartSafeDDPMixin, DDPStrategy):
         assert self.model is not None
         _sync_module_states(self.model)
         self._sync_group = self._create_sync_group()
+        # The compressor's own groups (collective, every rank); the dp group is the world.
+        ranks = [list(range(self.world_size))]
+        if isinstance(self._compressor, Hierarchical):
+            self._compressor.setup_groups(ranks, default_node_size=len(self.parallel_devices or []) or None)
+        else:
+            self._compressor.setup_groups(ranks)
         self._state = self._build_state(self._parameters())
 
     @override

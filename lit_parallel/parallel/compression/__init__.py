@@ -8,10 +8,11 @@ lives in :mod:`lit_parallel.strategies.compressed_ddp`; the public import path i
 
 from lit_parallel.parallel.compression.base import CommStats, Compressor, DDPHookState, NoCompression
 from lit_parallel.parallel.compression.cast import BF16, FP16
+from lit_parallel.parallel.compression.hierarchical import Hierarchical, HierarchicalCommStats
 from lit_parallel.parallel.compression.int8 import Int8
 from lit_parallel.parallel.compression.onebit import OneBit
 from lit_parallel.parallel.compression.powersgd import PowerSGD
 from lit_parallel.parallel.compression.topk import TopK
 
-__all__ = ["BF16", "FP16", "CommStats", "Compressor", "DDPHookState", "Int8", "NoCompression", "OneBit",
-           "PowerSGD", "TopK"]
+__all__ = ["BF16", "FP16", "CommStats", "Compressor", "DDPHookState", "Hierarchical", "HierarchicalCommStats", "Int8",
+           "NoCompression", "OneBit", "PowerSGD", "TopK"]

@@ -219,6 +219,22 @@ class Compressor(ABC):
         """The hyper-parameters, as passed to the constructor."""
         return {name: getattr(self, name) for name in self.hparams}
 
+    def setup_groups(self, group_ranks: list[list[int]]) -> None:
+        """Create the process groups this compressor needs besides the data-parallel group (default: none).
+
+        ``new_group`` is collective over the default group, so a strategy calls this once on *every* rank,
+        after ``init_process_group`` and before the first :meth:`reduce_`, with the global ranks of every
+        data-parallel group in the same order on every rank; the compressor keeps the groups of its own.
+
+        Args:
+            group_ranks: the global ranks of every data-parallel group (``[list(range(world_size))]`` for DDP).
+
+        Example::
+
+            compressor.setup_groups([list(range(dist.get_world_size()))])
+        """
+        del group_ranks  # the flat exchange runs on the data-parallel group itself
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"

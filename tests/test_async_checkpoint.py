@@ -400,6 +400,21 @@ def test_stage_to_cpu_keeps_tied_weights_one_storage(tmp_path):
     _assert_identical(torch.load(tmp_path / "direct.ckpt"), torch.load(tmp_path / "staged.ckpt"))
 
 
+def test_wait_for_checkpoint_publishes_the_pending_file(tmp_path):
+    from lit_parallel.plugins import AsyncAtomicCheckpointIO
+    from lit_parallel.plugins.async_checkpoint_io import wait_for_checkpoint
+
+    io = AsyncAtomicCheckpointIO()
+    io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    assert io.pending
+
+    class Strategy:
+        checkpoint_io = io
+
+    wait_for_checkpoint(Strategy())
+    assert not io.pending and torch.equal(torch.load(tmp_path / "a.ckpt")["w"], torch.ones(2))
+
+
 def test_failed_write_keeps_the_checkpoints_it_would_have_rotated_out(tmp_path):
     old = tmp_path / "old.ckpt"
     old.write_bytes(b"x")

@@ -232,6 +232,9 @@ class Preemption(Callback):
             print(f"lit-parallel: preemption: rank {trainer.global_rank} received {name} at global_step "
                   f"{self.received_at_step}", file=sys.stderr, flush=True)
         trainer.save_checkpoint(path)  # every rank: the hybrid strategy writes shards, ExactResume gathers RNG
+        from lit_parallel.plugins.async_checkpoint_io import wait_for_checkpoint
+
+        wait_for_checkpoint(trainer.strategy)  # async_checkpoint: the background write is published before exiting
         trainer.strategy.barrier("preemption")  # nobody exits (and gets its peers killed) before it is complete
         if trainer.is_global_zero:
             print(f"lit-parallel: preemption: checkpoint of global_step {trainer.global_step} written to {path}; "

@@ -23,7 +23,7 @@ from lit_parallel.parallel.async_checkpoint import (
 )
 from lit_parallel.parallel.sharded_checkpoint import remove_path
 
-__all__ = ["AsyncAtomicCheckpointIO", "check_checkpoint_dirs"]
+__all__ = ["AsyncAtomicCheckpointIO", "check_checkpoint_dirs", "wait_for_checkpoint"]
 
 
 class AsyncAtomicCheckpointIO(TorchCheckpointIO):
@@ -100,3 +100,21 @@ def check_checkpoint_dirs(trainer: Any) -> None:
     for directory in dict.fromkeys(str(d) for d in dirs):
         if "://" not in directory:
             check_writable(directory)
+
+
+def wait_for_checkpoint(strategy: Any) -> None:
+    """Block until this rank's pending asynchronous checkpoint is published (a no-op for synchronous saves).
+
+    For code that must not go on before a checkpoint is on disk, e.g. the preemption callback before it exits.
+
+    Example::
+
+        trainer.save_checkpoint(path)
+        wait_for_checkpoint(trainer.strategy)
+    """
+    writer = getattr(strategy, "_checkpoint_writer", None)  # HybridParallelStrategy(async_checkpoint=True)
+    if writer is not None:
+        writer.wait()
+    io = getattr(strategy, "checkpoint_io", None)
+    if isinstance(io, AsyncAtomicCheckpointIO):
+        io._writer.wait()

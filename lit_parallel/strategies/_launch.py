@@ -155,13 +155,7 @@ def hang_timeout_seconds(owner: str, value: float | timedelta | None) -> float |
     """
     from lit_parallel.errors import ConfigurationError
 
-    source = "hang_timeout"
-    if value is None and os.environ.get(HANG_TIMEOUT_ENV):
-        value, source = os.environ[HANG_TIMEOUT_ENV], HANG_TIMEOUT_ENV  # type: ignore[assignment]
-        try:
-            value = float(value)  # type: ignore[arg-type]
-        except ValueError:
-            raise ConfigurationError(f"{HANG_TIMEOUT_ENV}={value!r}; valid: seconds > 0.") from None
+    value, source = _env_default(value, "hang_timeout", HANG_TIMEOUT_ENV, float, "seconds > 0")
     if value is None:
         return None
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
@@ -207,6 +201,23 @@ def stop_hang_monitor(strategy: Any) -> None:
         monitor.stop()
 
 
+def _env_default(value: Any, name: str, env: str, parse: Any, valid: str) -> tuple[Any, str]:
+    """``(value, name)``, or the parsed environment variable ``env`` and its name when ``value`` is ``None``.
+
+    Raises:
+        ConfigurationError: ``env`` does not parse.
+    """
+    from lit_parallel.errors import ConfigurationError
+
+    if value is not None or not os.environ.get(env):
+        return value, name
+    raw = os.environ[env]
+    try:
+        return parse(raw), env
+    except ValueError:
+        raise ConfigurationError(f"{env}={raw!r}; valid: {valid}.") from None
+
+
 # Environment default of ``replica_check_every_n_steps`` (the test suite sets it to 1).
 REPLICA_CHECK_ENV = "LIT_PARALLEL_REPLICA_CHECK_EVERY_N_STEPS"
 
@@ -215,13 +226,7 @@ def replica_check_interval(owner: str, value: int | None) -> int | None:
     """Validate ``replica_check_every_n_steps``; ``None`` falls back to :data:`REPLICA_CHECK_ENV`."""
     from lit_parallel.errors import ConfigurationError
 
-    source = "replica_check_every_n_steps"
-    if value is None and os.environ.get(REPLICA_CHECK_ENV):
-        value, source = os.environ[REPLICA_CHECK_ENV], REPLICA_CHECK_ENV  # type: ignore[assignment]
-        try:
-            value = int(value)  # type: ignore[arg-type]
-        except ValueError:
-            raise ConfigurationError(f"{REPLICA_CHECK_ENV}={value!r}; valid: a positive integer.") from None
+    value, source = _env_default(value, "replica_check_every_n_steps", REPLICA_CHECK_ENV, int, "a positive integer")
     if value is None or value == 0:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from lit_parallel.parallel.compression.base import copy_back
 from lit_parallel.parallel.mesh import local_tensor
 
 __all__ = ["GradientSynchronizer", "local_tensor"]
@@ -173,12 +174,8 @@ class GradientSynchronizer:
         for index in range(len(self.buckets)):
             work, flat, grads = self._pending.pop(index)
             work.wait()
-            if flat is None:  # a compressed exchange averaged the gradients in place
-                continue
-            offset = 0
-            for grad in grads:
-                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-                offset += grad.numel()
+            if flat is not None:  # None: a compressed exchange averaged the gradients in place
+                copy_back(flat, grads)
         self._reset()
 
     def _reset(self) -> None:
@@ -213,7 +210,4 @@ class GradientSynchronizer:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=self.group)
             flat.div_(self.world_size)
-            offset = 0
-            for grad in grads:
-                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-                offset += grad.numel()
+            copy_back(flat, grads)
